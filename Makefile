@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make serve` and `make test`. Both are idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := espeak-ng libespeak-ng1 sox ffmpeg libportaudio2
+
+.PHONY: setup system-deps serve test demo
+
+# Debian packages are checked every time (dpkg -s is cheap), installed only when missing.
+system-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	else echo "not root: assuming these Debian packages are installed: $(APT_PACKAGES)"; fi
+
+setup: system-deps .stamp-venv
+.stamp-venv: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+serve: setup
+	$(BIN)/emote serve
+
+demo: setup
+	$(BIN)/emote render assets/demo/portrait.png assets/demo/hello.wav -o out/demo.mp4
+
+test: setup
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,1 @@
+"""The EMO-style portrait animation model. Knows nothing about networks or transports."""

@@ -1,0 +1,107 @@
+"""`emote render` and `emote bench`. Heavy imports live inside the handlers so `emote --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import EmoteError
+
+MAX_STEPS = 1000
+
+
+def _steps(value: str) -> int:
+    try:
+        steps = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps must be an integer, got {value!r}") from None
+    if not 1 <= steps <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
+    return steps
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {value!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be between 0 and 2^63-1, got {seed}")
+    return seed
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+
+def register(subparsers) -> None:
+    render = subparsers.add_parser("render", help="animate a portrait with an audio file into an MP4")
+    render.add_argument("portrait", type=Path, help="PNG/JPEG/WebP portrait")
+    render.add_argument("audio", type=Path, help="WAV/MP3/FLAC/OGG/M4A audio")
+    render.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
+    add_model_options(render)
+    render.add_argument("--steps", type=_steps, default=None, help="sampling steps (default: the model's)")
+    render.add_argument("--seed", type=_seed, default=0)
+    render.set_defaults(func=run_render)
+
+
+
+def add_bench_options(bench: argparse.ArgumentParser) -> None:
+    """Options of `emote bench` for the model; the top-level CLI composes them with the streaming bench's."""
+    bench.add_argument("--preset", default=None, help="benchmark a preset with random weights instead of --model")
+    add_model_options(bench)
+    bench.add_argument("--steps", type=_steps, default=None)
+    bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--json", action="store_true", help="print one JSON line (the default prints it indented)")
+
+
+def load_pipeline(model: Path | None, device: str, dtype_name: str = "float32", preset: str | None = None):
+    """The pipeline a command asked for: a preset with random weights, a model directory, or the bundled model."""
+    import torch
+
+    from .pipeline import AvatarPipeline, UntrainedModelWarning
+
+    dtype = getattr(torch, dtype_name)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EmoteError("--device cuda was requested but no CUDA GPU is available")
+    if preset is not None:
+        return AvatarPipeline.from_config(preset, device=device, dtype=dtype, trained=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntrainedModelWarning)
+        pipe = AvatarPipeline.from_pretrained(model, device=device, dtype=dtype)
+    if any(issubclass(w.category, UntrainedModelWarning) for w in caught):
+        sys.stderr.write("emote: warning: the model is untrained (random weights); output will not look like a face\n")
+    return pipe
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from .media import crop_square, frame_count, load_audio, load_image, write_video
+    from .portrait import find_face
+
+    if args.output.suffix.lower() != ".mp4":
+        raise EmoteError(f"output {args.output} must end in .mp4")
+    image = load_image(args.portrait)
+    audio = load_audio(args.audio)
+    if frame_count(len(audio)) == 0:
+        raise EmoteError(f"audio {args.audio} is shorter than one video frame (40 ms)")
+    pipe = load_pipeline(args.model, args.device)
+    portrait = crop_square(image, find_face(image))
+    frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed)
+    count = write_video(args.output, frames, audio=audio)
+    sys.stderr.write(f"wrote {args.output}: {count} frames at 25 fps, {pipe.resolution}x{pipe.resolution}\n")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench as bench
+
+    if args.repeats < 1:
+        raise EmoteError("--repeats must be at least 1")
+    pipe = load_pipeline(args.model, args.device, args.dtype, preset=args.preset)
+    result = bench(pipe, steps=args.steps or pipe.default_steps, repeats=args.repeats)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0

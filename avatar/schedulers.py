@@ -1,0 +1,35 @@
+"""Diffusers schedulers: DDIM for the many-step teacher, LCM for the distilled 1-4 step student."""
+from __future__ import annotations
+
+from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .config import ModelConfig
+
+SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "lcm": LCMScheduler}
+
+
+def build_scheduler(cfg: ModelConfig, sampler: str | None = None) -> SchedulerMixin:
+    sampler = sampler or cfg.sampler
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    if sampler == "ddim":
+        # "trailing" spacing starts sampling at t = T - 1 (pure noise), which few-step sampling needs.
+        return DDIMScheduler(**common, timestep_spacing="trailing")
+    if sampler == "lcm":
+        return LCMScheduler(**common)
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def fresh_scheduler(template: SchedulerMixin, steps: int, device=None) -> SchedulerMixin:
+    """A new scheduler instance (diffusers schedulers keep a step index) with its timesteps set."""
+    scheduler = type(template).from_config(template.config)
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler

@@ -1,0 +1,338 @@
+"""ReferenceNet and the denoising backbone, built from diffusers blocks on one shared layout.
+
+Both networks are a sequence of *slots* (a ResnetBlock2D, optionally followed by a SpatialTransformer) arranged as
+an SD-style UNet. Slot i of the ReferenceNet lines up with slot i of the backbone, which is how the backbone finds
+its reference bank entry (spatial self-attention) and its motion-frame features (temporal attention) for that slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from .attention import SpatialTransformer, TemporalTransformer
+
+
+@dataclass
+class SlotFeatures:
+    """What the ReferenceNet records, per slot: the bank (self-attention inputs) and the slot outputs."""
+
+    bank: list[torch.Tensor | None]  # (B, HW, C) where the slot has spatial attention, else None
+    outputs: list[torch.Tensor]  # (B, C, H, W) hidden state after the slot
+
+
+@dataclass
+class BackboneConditions:
+    """Everything besides the noisy latent and timestep that the backbone attends to, for B windows of F frames."""
+
+    reference_bank: list[torch.Tensor | None] | None  # per slot (B, N, C); None drops the reference (CFG)
+    motion: list[torch.Tensor] | None  # per slot (B*M, C, H, W) ReferenceNet outputs of the motion frames
+    audio: torch.Tensor  # (B, F, tokens, audio_feature_dim) windowed audio features
+    speed: torch.Tensor  # (B, F) head-rotation speed, deg/frame
+    face_mask: torch.Tensor  # (B, 1, H_img, W_img) in [0, 1]
+
+
+class UNetSlot(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        heads: int,
+        spatial_attention: bool,
+        audio_dim: int | None,
+        temporal: bool,
+        temporal_heads: int,
+        speed_dim: int,
+    ):
+        super().__init__()
+        self.resnet = ResnetBlock2D(
+            in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, groups=groups
+        )
+        self.spatial = SpatialTransformer(out_channels, heads, groups, audio_dim) if spatial_attention else None
+        self.temporal = TemporalTransformer(out_channels, temporal_heads, groups, speed_dim) if temporal else None
+
+
+class _SlotRunner:
+    """Carries the per-call context through the slots, in order."""
+
+    def __init__(self, temb, num_frames=1, bank=None, motion=None, audio=None, speed=None, record=None):
+        self.temb = temb
+        self.num_frames = num_frames
+        self.bank = bank
+        self.motion = motion
+        self.audio = audio
+        self.speed = speed
+        self.record = record
+        self.index = 0
+
+    def __call__(self, slot: UNetSlot, hidden: torch.Tensor) -> torch.Tensor:
+        i = self.index
+        self.index += 1
+        hidden = slot.resnet(hidden, self.temb)
+        if slot.spatial is not None:
+            reference = self.bank[i] if self.bank is not None else None
+            bank_out = [] if self.record is not None else None
+            hidden = slot.spatial(hidden, reference=reference, audio=self.audio, bank_out=bank_out)
+            if self.record is not None:
+                self.record.bank.append(bank_out[0])
+        elif self.record is not None:
+            self.record.bank.append(None)
+        if self.record is not None:
+            self.record.outputs.append(hidden)
+        if slot.temporal is not None:
+            motion = self.motion[i] if self.motion is not None else None
+            hidden = slot.temporal(hidden, self.num_frames, motion=motion, speed=self.speed)
+        return hidden
+
+
+class _UNetBody(nn.Module):
+    """conv_in, down levels, mid, up levels (SD-style skip connections); no conv_out."""
+
+    def __init__(self, cfg: dict, temporal: bool, audio_dim: int | None):
+        super().__init__()
+        channels = list(cfg["block_out_channels"])
+        attention = list(cfg["attention_levels"])
+        groups = cfg["norm_num_groups"]
+        temb_dim = channels[0] * 4
+        self.time_proj = Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+        self.conv_in = nn.Conv2d(cfg["latent_channels"], channels[0], 3, padding=1)
+
+        def slot(cin: int, cout: int, attn: bool) -> UNetSlot:
+            return UNetSlot(
+                cin, cout, temb_dim, groups, cfg["attention_heads"], attn, audio_dim, temporal,
+                cfg.get("temporal_heads", 1), cfg.get("speed_embed_dim", 1),
+            )
+
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        skip_channels = [channels[0]]
+        cin = channels[0]
+        for level, cout in enumerate(channels):
+            layers = nn.ModuleList()
+            for _ in range(cfg["layers_per_block"]):
+                layers.append(slot(cin, cout, attention[level]))
+                cin = cout
+                skip_channels.append(cout)
+            self.down.append(layers)
+            last = level == len(channels) - 1
+            self.downsamplers.append(nn.Identity() if last else Downsample2D(cout, use_conv=True, name="op"))
+            if not last:
+                skip_channels.append(cout)
+
+        self.mid = slot(cin, cin, True)
+        self.mid_resnet = ResnetBlock2D(in_channels=cin, out_channels=cin, temb_channels=temb_dim, groups=groups)
+
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for level, cout in reversed(list(enumerate(channels))):
+            layers = nn.ModuleList()
+            for _ in range(cfg["layers_per_block"] + 1):
+                layers.append(slot(cin + skip_channels.pop(), cout, attention[level]))
+                cin = cout
+            self.up.append(layers)
+            self.upsamplers.append(Upsample2D(cout, use_conv=True) if level > 0 else nn.Identity())
+        self.out_channels = cin
+
+    def time_embed(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
+        return self.time_embedding(self.time_proj(t).to(dtype))
+
+    def run(self, latent: torch.Tensor, runner: _SlotRunner) -> torch.Tensor:
+        hidden = self.conv_in(latent)
+        skips = [hidden]
+        for layers, downsample in zip(self.down, self.downsamplers):
+            for layer in layers:
+                hidden = runner(layer, hidden)
+                skips.append(hidden)
+            if not isinstance(downsample, nn.Identity):
+                hidden = downsample(hidden)
+                skips.append(hidden)
+        hidden = runner(self.mid, hidden)
+        hidden = self.mid_resnet(hidden, runner.temb)
+        for layers, upsample in zip(self.up, self.upsamplers):
+            for layer in layers:
+                hidden = runner(layer, torch.cat([hidden, skips.pop()], dim=1))
+            hidden = upsample(hidden)
+        return hidden
+
+
+class ReferenceNet(ModelMixin, ConfigMixin):
+    """A UNet without temporal layers, run once on the portrait (and on motion frames) at timestep 0.
+
+    It records the input of every spatial self-attention (the reference bank) and every slot's output (the features
+    the backbone's temporal layers read for motion frames).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        attention_levels: tuple[bool, ...] = (True, True),
+        attention_heads: int = 2,
+        norm_num_groups: int = 8,
+    ):
+        super().__init__()
+        self.body = _UNetBody(dict(self.config), temporal=False, audio_dim=None)
+
+    def forward(self, latent: torch.Tensor) -> SlotFeatures:
+        """latent (B, C, h, w) clean latents -> per-slot bank and outputs."""
+        temb = self.body.time_embed(torch.zeros(1, device=latent.device), latent.shape[0], latent.dtype)
+        record = SlotFeatures(bank=[], outputs=[])
+        self.body.run(latent, _SlotRunner(temb, record=record))
+        return record
+
+
+class FaceLocator(nn.Module):
+    """Light convolutions over the face-region mask, down to latent resolution, added to the noisy latent."""
+
+    def __init__(self, latent_channels: int, downsamplings: int, hidden: int = 16):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(1, hidden, 3, padding=1), nn.SiLU()]
+        for _ in range(downsamplings):
+            layers += [nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.SiLU()]
+        out = nn.Conv2d(hidden, latent_channels, 3, padding=1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(*layers, out)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(mask)
+
+
+class SpeedEncoder(nn.Module):
+    """EMO speed layers' input: s_d = tanh((w - c_d) / r * 3) per bucket, windowed over ±k frames, then an MLP."""
+
+    def __init__(self, centers: tuple[float, ...], radius: float, context: int, embed_dim: int):
+        super().__init__()
+        self.register_buffer("centers", torch.tensor(centers, dtype=torch.float32), persistent=False)
+        self.radius = radius
+        self.context = context
+        width = len(centers) * (2 * context + 1)
+        self.mlp = nn.Sequential(nn.Linear(width, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, speed: torch.Tensor) -> torch.Tensor:
+        """speed (B, F) -> (B, F, embed_dim)."""
+        buckets = torch.tanh((speed[..., None] - self.centers) / self.radius * 3)  # (B, F, D)
+        padded = torch.cat(
+            [buckets[:, :1].expand(-1, self.context, -1), buckets, buckets[:, -1:].expand(-1, self.context, -1)], 1
+        )
+        frames = speed.shape[1]
+        windows = torch.cat([padded[:, k : k + frames] for k in range(2 * self.context + 1)], dim=-1)
+        return self.mlp(windows.to(self.mlp[0].weight.dtype))
+
+
+class AudioProjection(nn.Module):
+    """Windowed per-frame audio features (±m frames) -> cross-attention tokens, one token per context frame."""
+
+    def __init__(self, feature_dim: int, tokens: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, dim)
+        self.position = nn.Parameter(torch.zeros(tokens, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(audio) + self.position)
+
+
+class EmoBackbone(ModelMixin, ConfigMixin):
+    """The denoising UNet: reference-extended self-attention, audio cross-attention, temporal attention with motion
+    frames and speed, and a face locator on the input."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        attention_levels: tuple[bool, ...] = (True, True),
+        attention_heads: int = 2,
+        norm_num_groups: int = 8,
+        temporal_heads: int = 2,
+        speed_embed_dim: int = 32,
+        audio_feature_dim: int = 64,
+        audio_tokens_per_frame: int = 5,
+        audio_cross_attention_dim: int = 64,
+        vae_scale_factor: int = 8,
+        speed_bucket_centers: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0),
+        speed_bucket_radius: float = 0.5,
+        speed_context_frames: int = 2,
+    ):
+        super().__init__()
+        self.body = _UNetBody(dict(self.config), temporal=True, audio_dim=audio_cross_attention_dim)
+        self.face_locator = FaceLocator(latent_channels, downsamplings=vae_scale_factor.bit_length() - 1)
+        self.audio_projection = AudioProjection(audio_feature_dim, audio_tokens_per_frame, audio_cross_attention_dim)
+        self.speed_encoder = SpeedEncoder(speed_bucket_centers, speed_bucket_radius, speed_context_frames, speed_embed_dim)
+        out = self.body.out_channels
+        self.norm_out = nn.GroupNorm(norm_num_groups, out, eps=1e-6)
+        self.conv_out = nn.Conv2d(out, latent_channels, 3, padding=1)
+
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, cond: BackboneConditions) -> torch.Tensor:
+        """noisy (B, F, C, h, w) -> model output of the same shape (epsilon or v, per the scheduler config)."""
+        b, f, c, h, w = noisy.shape
+        face = self.face_locator(cond.face_mask.to(noisy.dtype))  # (B, C, h, w)
+        latent = (noisy + face[:, None]).reshape(b * f, c, h, w)
+        timestep = torch.as_tensor(timestep, device=noisy.device)
+        if timestep.numel() > 1:
+            timestep = timestep.reshape(b, 1).expand(b, f)
+        temb = self.body.time_embed(timestep, b * f, noisy.dtype)
+        audio = self.audio_projection(cond.audio.to(noisy.dtype)).reshape(b * f, -1, self.config.audio_cross_attention_dim)
+        speed = self.speed_encoder(cond.speed.to(noisy.device))
+        runner = _SlotRunner(temb, num_frames=f, bank=cond.reference_bank, motion=cond.motion, audio=audio, speed=speed)
+        hidden = self.body.run(latent, runner)
+        out = self.conv_out(nn.functional.silu(self.norm_out(hidden)))
+        return out.reshape(b, f, c, h, w)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by EMO training stage: spatial (stage 1), temporal + audio (stage 2), speed (stage 3)."""
+        groups: dict[str, list[nn.Parameter]] = {"spatial": [], "temporal_audio": [], "speed": []}
+        for name, param in self.named_parameters():
+            if "speed" in name:
+                groups["speed"].append(param)
+            elif ".temporal." in name or "attn2" in name or "norm2" in name or name.startswith("audio_projection"):
+                groups["temporal_audio"].append(param)
+            else:
+                groups["spatial"].append(param)
+        return groups
+
+
+def reference_net_kwargs(cfg) -> dict:
+    """ReferenceNet config derived from a ModelConfig: the layout it shares with the backbone."""
+    return dict(
+        latent_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_levels=tuple(cfg.attention_levels),
+        attention_heads=cfg.attention_heads,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def backbone_kwargs(cfg) -> dict:
+    return dict(
+        **reference_net_kwargs(cfg),
+        temporal_heads=cfg.temporal_heads,
+        speed_embed_dim=cfg.speed_embed_dim,
+        audio_feature_dim=cfg.audio_feature_dim,
+        audio_tokens_per_frame=cfg.audio_tokens_per_frame,
+        audio_cross_attention_dim=cfg.audio_cross_attention_dim,
+        vae_scale_factor=cfg.vae_scale_factor,
+        speed_bucket_centers=tuple(cfg.speed_bucket_centers),
+        speed_bucket_radius=cfg.speed_bucket_radius,
+        speed_context_frames=cfg.speed_context_frames,
+    )

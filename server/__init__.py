@@ -1,0 +1,1 @@
+"""HTTP/WebRTC server and the `emote` command line."""

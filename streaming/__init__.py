@@ -1,0 +1,1 @@
+"""Live audio in, paced lip-synced frames out. Knows nothing about HTTP or WebRTC."""

@@ -1,0 +1,177 @@
+"""`emote render` and `emote bench`: the success path and every bad-input case (exit 2, one line, no OUT file)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import speech_like, write_wav
+from server.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def probe(path: Path) -> tuple[int, float, int, bool]:
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        has_audio = bool(container.streams.audio)
+        return frames, float(video.average_rate), video.width, has_audio
+
+
+def test_render_with_a_model_directory(tiny_model_dir, media_files, tmp_path, capsys):
+    image, audio = media_files
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(["render", image, audio, "-o", out, "--model", tiny_model_dir, "--seed", "3"], capsys)
+    assert code == 0, err
+    frames, fps, width, has_audio = probe(out)
+    assert fps == 25 and width == 32 and has_audio
+    assert abs(frames - 1.3 * 25) <= 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp file left behind"
+
+
+@pytest.mark.parametrize("suffix,codec", [(".flac", "flac"), (".ogg", "libopus"), (".m4a", "aac"), (".mp3", "libmp3lame")])
+def test_render_reads_compressed_audio(tiny_model_dir, media_files, tmp_path, capsys, suffix, codec):
+    image, _ = media_files
+    path = tmp_path / f"speech{suffix}"
+    samples = speech_like(0.8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate={"libmp3lame": 22050, "libopus": 48000}.get(codec, 16000), layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=stream.rate)
+        for f in resampler.resample(frame) + resampler.resample(None):
+            container.mux(stream.encode(f))
+        container.mux(stream.encode(None))
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(["render", image, path, "-o", out, "--model", tiny_model_dir], capsys)
+    assert code == 0, err
+    from avatar.media import load_audio
+
+    decoded_seconds = len(load_audio(path)) / 16000  # lossy codecs add priming/padding samples
+    assert abs(decoded_seconds - 0.8) < 0.2
+    assert abs(probe(out)[0] - decoded_seconds * 25) <= 1
+
+
+def test_render_with_bundled_model_warns_when_untrained(media_files, tmp_path, capsys):
+    image, _ = media_files
+    audio = write_wav(tmp_path / "short.wav", speech_like(0.4))
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(["render", image, audio, "-o", out, "--steps", "1"], capsys)
+    assert code == 0, err
+    from avatar.pipeline import BUNDLED_MODEL_DIR
+
+    if not (BUNDLED_MODEL_DIR / "model_index.json").exists():
+        assert "untrained" in err
+    assert probe(out)[0] == 10
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "empty.png": b"",
+        "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(200)),
+        "text.jpg": b"hello, not an image",
+        "empty.wav": b"",
+        "corrupt.wav": b"RIFF" + bytes(300),
+        "text.mp3": b"just text, not audio at all" * 20,
+    }
+    paths = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths[name] = tmp_path / name
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb)
+    paths["bomb.png"] = bomb
+    return paths
+
+
+BAD_CASES = [
+    ("missing portrait", lambda f, img, aud, m: ["render", f["_dir"] / "nope.png", aud], "does not exist"),
+    ("missing audio", lambda f, img, aud, m: ["render", img, f["_dir"] / "nope.wav"], "does not exist"),
+    ("empty image", lambda f, img, aud, m: ["render", f["empty.png"], aud], "empty"),
+    ("corrupt image", lambda f, img, aud, m: ["render", f["corrupt.png"], aud], "not a readable image"),
+    ("text as image", lambda f, img, aud, m: ["render", f["text.jpg"], aud], "not a readable image"),
+    ("decompression bomb", lambda f, img, aud, m: ["render", f["bomb.png"], aud], "too large"),
+    ("empty audio", lambda f, img, aud, m: ["render", img, f["empty.wav"]], "empty"),
+    ("corrupt audio", lambda f, img, aud, m: ["render", img, f["corrupt.wav"]], "not readable"),
+    ("text as audio", lambda f, img, aud, m: ["render", img, f["text.mp3"]], "audio"),
+    ("missing model dir", lambda f, img, aud, m: ["render", img, aud, "--model", f["_dir"] / "nomodel"], "does not exist"),
+    ("not a model dir", lambda f, img, aud, m: ["render", img, aud, "--model", f["_dir"]], "model_index.json is missing"),
+    ("steps zero", lambda f, img, aud, m: ["render", img, aud, "--steps", "0"], "--steps must be between"),
+    ("steps huge", lambda f, img, aud, m: ["render", img, aud, "--steps", "5000"], "--steps must be between"),
+    ("steps text", lambda f, img, aud, m: ["render", img, aud, "--steps", "two"], "--steps must be an integer"),
+    ("negative seed", lambda f, img, aud, m: ["render", img, aud, "--seed", "-1"], "--seed must be between"),
+    ("bad device", lambda f, img, aud, m: ["render", img, aud, "--device", "tpu"], "invalid choice"),
+    ("output not mp4", lambda f, img, aud, m: ["render", img, aud, "--model", m, "-o", f["_dir"] / "out.avi"], "must end in .mp4"),
+]
+
+
+@pytest.mark.parametrize("label,build,message", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_render_bad_input_exits_2_with_one_line_and_no_output(
+    label, build, message, tmp_path, media_files, tiny_model_dir, capsys
+):
+    files = bad_files(tmp_path)
+    files["_dir"] = tmp_path
+    image, audio = media_files
+    args = build(files, image, audio, tiny_model_dir)
+    out = tmp_path / "out.mp4"
+    if "-o" not in args:
+        args += ["-o", out]
+    before = set(tmp_path.iterdir())
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+    assert set(tmp_path.iterdir()) == before, "a failed render must leave no file behind"
+
+
+def test_render_with_silence_too_short_for_a_frame(tiny_model_dir, media_files, tmp_path, capsys):
+    image, _ = media_files
+    audio = write_wav(tmp_path / "blip.wav", np.zeros(100, np.float32))
+    code, _, err = run_cli(["render", image, audio, "-o", tmp_path / "o.mp4", "--model", tiny_model_dir], capsys)
+    assert code == 2 and "shorter than one video frame" in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_bench_prints_stage_timings_as_json(capsys):
+    code, out, err = run_cli(["bench", "--preset", "tiny", "--steps", "2", "--repeats", "1", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    for stage in ("audio_encode", "motion_reference", "unet_step", "vae_decode", "window_total"):
+        assert result["ms_per_frame"][stage] > 0
+    assert result["fps"] > 0 and result["peak_memory_mb"] > 0
+    assert set(result["params"]) == {"vae", "reference_net", "backbone", "audio_encoder"}
+
+
+def test_bench_bad_preset_and_missing_gpu(capsys):
+    code, _, err = run_cli(["bench", "--preset", "huge"], capsys)
+    assert code == 2 and "unknown preset 'huge'" in err
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(["bench", "--preset", "tiny", "--device", "cuda"], capsys)
+        assert code == 2 and "no CUDA GPU" in err
+
+
+def test_console_script_runs(tmp_path):
+    """The installed `emote` entry point (not just main()) starts and reports errors with exit 2."""
+    emote = Path(sys.executable).parent / "emote"
+    result = subprocess.run([str(emote), "render", "x.png", "y.wav", "-o", str(tmp_path / "o.mp4")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["emote render: error: image x.png does not exist"]

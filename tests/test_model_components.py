@@ -1,0 +1,162 @@
+"""Shapes and behaviour of each model component, tiny preset."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.audio import MelAudioEncoder, mel_encoder_kwargs, window_features
+from avatar.config import PRESETS, SAMPLES_PER_FRAME, ModelConfig, get_preset
+from avatar.errors import EmoteError
+from avatar.pipeline import WindowInput
+from avatar.unet import BackboneConditions
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_tiny_preset_is_well_under_a_million_parameters(tiny_pipe):
+    total = sum(count(m) for m in (tiny_pipe.vae, tiny_pipe.reference_net, tiny_pipe.backbone, tiny_pipe.audio_encoder))
+    assert total < 1_000_000
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate_and_round_trip_through_json(name):
+    cfg = get_preset(name)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.resolution % cfg.vae_scale_factor == 0
+
+
+def test_invalid_config_names_the_problem():
+    with pytest.raises(EmoteError, match="multiple of the VAE factor"):
+        get_preset("tiny").replace(resolution=30).validate()
+    with pytest.raises(EmoteError, match="unknown model config keys: bogus"):
+        ModelConfig.from_dict({**get_preset("tiny").to_dict(), "bogus": 1})
+
+
+def test_vae_round_trip_shapes(tiny_pipe):
+    from avatar import vae
+
+    cfg = tiny_pipe.config
+    images = torch.rand(3, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    latents = vae.encode(tiny_pipe.vae, images)
+    assert latents.shape == (3, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    decoded = vae.decode(tiny_pipe.vae, latents)
+    assert decoded.shape == images.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_reference_net_records_bank_and_slot_outputs(tiny_pipe, portrait):
+    cache = tiny_pipe.prepare_reference(portrait)
+    cfg = tiny_pipe.config
+    slots = len(cache.motion)
+    levels = len(cfg.block_out_channels)
+    assert slots == levels * cfg.layers_per_block + 1 + levels * (cfg.layers_per_block + 1)
+    assert len(cache.bank) == slots
+    # The first (highest-resolution) level of the tiny preset has no spatial attention, the second has.
+    assert cache.bank[0] is None and cache.bank[1] is not None
+    assert cache.bank[1].shape == (1, (cfg.latent_size // 2) ** 2, cfg.block_out_channels[1])
+    assert cache.motion[0].shape == (1, cfg.block_out_channels[0], cfg.latent_size, cfg.latent_size)
+
+
+def test_backbone_output_shape_and_zero_init_temporal_layers(tiny_pipe, portrait):
+    cfg = tiny_pipe.config
+    cache = tiny_pipe.prepare_reference(portrait)
+    b, f = 2, cfg.frames_per_window
+    noisy = torch.randn(b, f, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    cond = BackboneConditions(
+        reference_bank=[None if t is None else t.expand(b, -1, -1) for t in cache.bank],
+        motion=[t.expand(b * cfg.motion_frames, -1, -1, -1) for t in cache.motion],
+        audio=torch.randn(b, f, cfg.audio_tokens_per_frame, cfg.audio_feature_dim),
+        speed=torch.rand(b, f),
+        face_mask=cache.face_mask.expand(b, -1, -1, -1),
+    )
+    out = tiny_pipe.backbone(noisy, torch.tensor(500), cond)
+    assert out.shape == noisy.shape
+    assert torch.isfinite(out).all()
+
+
+def test_reference_bank_changes_the_output(tiny_pipe, portrait):
+    """The bank is attended: dropping it (as classifier-free guidance does) changes the prediction."""
+    cfg = tiny_pipe.config
+    cache = tiny_pipe.prepare_reference(portrait)
+    for module in tiny_pipe.backbone.modules():  # zero-initialised output projections would hide the path
+        if isinstance(module, torch.nn.Linear) and module.weight.abs().sum() == 0:
+            torch.nn.init.normal_(module.weight, std=0.02)
+    try:
+        noisy = torch.randn(1, cfg.frames_per_window, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        cond = BackboneConditions(cache.bank, None, torch.randn(1, cfg.frames_per_window, 5, cfg.audio_feature_dim),
+                                  torch.zeros(1, cfg.frames_per_window), cache.face_mask)
+        with_ref = tiny_pipe.backbone(noisy, torch.tensor(10), cond)
+        cond.reference_bank = None
+        without = tiny_pipe.backbone(noisy, torch.tensor(10), cond)
+        assert not torch.allclose(with_ref, without)
+    finally:
+        fresh = type(tiny_pipe).from_config("tiny", seed=0)
+        tiny_pipe.backbone.load_state_dict(fresh.backbone.state_dict())
+
+
+def test_speed_and_audio_parameter_groups_cover_every_parameter(tiny_pipe):
+    groups = tiny_pipe.backbone.parameter_groups()
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(tiny_pipe.backbone.parameters()))
+    assert groups["speed"] and groups["temporal_audio"] and groups["spatial"]
+
+
+def test_mel_encoder_is_causal_within_its_lookahead():
+    cfg = get_preset("tiny")
+    enc = MelAudioEncoder(**mel_encoder_kwargs(cfg)).eval()
+    wave = torch.randn(1, SAMPLES_PER_FRAME * 20) * 0.1
+    changed = wave.clone()
+    changed[:, SAMPLES_PER_FRAME * 12 :] = torch.randn(1, SAMPLES_PER_FRAME * 8)
+    with torch.no_grad():
+        a, b = enc.encode(wave), enc.encode(changed)
+    assert a.shape == (1, 20, cfg.audio_feature_dim)
+    # Frames ending at least `lookahead` before the change are untouched; the frame whose lookahead sees it is not.
+    last_safe = (SAMPLES_PER_FRAME * 12 - enc.lookahead_samples) // SAMPLES_PER_FRAME
+    assert torch.equal(a[:, :last_safe], b[:, :last_safe])
+    assert not torch.allclose(a[:, 11], b[:, 11])
+
+
+def test_audio_windows_hold_plus_minus_two_frames():
+    features = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1)
+    windows = window_features(features, 2)[0, :, :, 0]
+    assert windows.shape == (6, 5)
+    assert windows[3].tolist() == [1, 2, 3, 4, 5]
+    assert windows[0].tolist() == [0, 0, 0, 1, 2]  # edges repeat
+
+
+def test_wav2vec2_encoder_from_local_directory(tmp_path):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from avatar.audio import Wav2Vec2AudioEncoder
+
+    config = Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(16, 16, 16, 16, 16, 16, 16), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        do_stable_layer_norm=True, feat_extract_norm="layer",
+    )
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
+    enc = Wav2Vec2AudioEncoder.from_pretrained(tmp_path / "w2v", layers=(1, 2))
+    assert enc.feature_dim == 32
+    wave = torch.randn(1, SAMPLES_PER_FRAME * 30) * 0.1
+    with torch.no_grad():
+        features = enc.encode(wave)
+    assert features.shape == (1, 30, 32)
+    # Chunked encoding (for long audio) keeps the frame count and stays close to one-shot encoding.
+    enc.chunk, enc.context = SAMPLES_PER_FRAME * 10, SAMPLES_PER_FRAME * 5
+    with torch.no_grad():
+        chunked = enc.encode(wave)
+    assert chunked.shape == features.shape
+    assert torch.isfinite(chunked).all()
+
+
+def test_window_batch_must_share_frame_count(tiny_pipe, portrait):
+    cache = tiny_pipe.prepare_reference(portrait)
+    cfg = tiny_pipe.config
+    a = WindowInput(cache, torch.zeros(4, 5, cfg.audio_feature_dim), torch.zeros(4), None, 0)
+    b = WindowInput(cache, torch.zeros(3, 5, cfg.audio_feature_dim), torch.zeros(3), None, 0)
+    with pytest.raises(ValueError, match="same number of frames"):
+        tiny_pipe.denoise_windows([a, b])

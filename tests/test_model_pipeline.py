@@ -1,0 +1,231 @@
+"""AvatarPipeline: windows, determinism, reference cache, checkpoints (tiny preset, CPU)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.config import AUDIO_SAMPLE_RATE
+from avatar.errors import CheckpointError, EmoteError
+from avatar.pipeline import AvatarPipeline, WindowInput, window_seed
+from avatar.reference import ReferenceCache
+from conftest import speech_like
+
+
+def render(pipe, portrait, seconds=1.0, **kwargs):
+    return np.stack(list(pipe.render(portrait, speech_like(seconds), **kwargs)))
+
+
+@pytest.mark.parametrize("seconds", [0.04, 0.3, 0.32, 0.36, 1.0, 2.02])
+def test_frame_count_is_duration_times_25_across_window_boundaries(tiny_pipe, portrait, seconds):
+    audio = speech_like(seconds)
+    frames = list(tiny_pipe.render(portrait, audio))
+    assert len(frames) == round(len(audio) * 25 / AUDIO_SAMPLE_RATE)
+    assert all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+
+
+def test_other_sample_rates_are_resampled(tiny_pipe, portrait):
+    audio_48k = np.interp(np.arange(48_000) / 3, np.arange(16_000), speech_like(1.0)).astype(np.float32)
+    assert len(list(tiny_pipe.render(portrait, audio_48k, sample_rate=48_000))) == 25
+
+
+def test_same_seed_same_frames_other_seed_other_frames(tiny_pipe, portrait):
+    a = render(tiny_pipe, portrait, seed=7)
+    b = render(tiny_pipe, portrait, seed=7)
+    c = render(tiny_pipe, portrait, seed=8)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_cached_reference_gives_identical_output(tiny_pipe, portrait, tmp_path):
+    fresh = render(tiny_pipe, portrait, seed=3)
+    cache = tiny_pipe.prepare_reference(portrait)
+    cache.save(tmp_path / "ref.safetensors")
+    loaded = ReferenceCache.load(tmp_path / "ref.safetensors", expected_model_id=tiny_pipe.model_id)
+    reused = render(tiny_pipe, portrait, seed=3, reference=cache)
+    from_disk = render(tiny_pipe, np.zeros_like(portrait), seed=3, reference=loaded)  # portrait ignored
+    assert np.array_equal(fresh, reused)
+    assert np.array_equal(fresh, from_disk)
+
+
+def test_reference_cache_rejects_another_models_cache(tiny_pipe, portrait, tmp_path):
+    cache = tiny_pipe.prepare_reference(portrait)
+    cache.save(tmp_path / "ref.safetensors")
+    other = AvatarPipeline.from_config("tiny", seed=1)
+    with pytest.raises(EmoteError, match="another model"):
+        ReferenceCache.load(tmp_path / "ref.safetensors", expected_model_id=other.model_id)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a cache")
+    with pytest.raises(EmoteError, match="cannot read reference cache"):
+        ReferenceCache.load(tmp_path / "bad.safetensors")
+
+
+def test_reference_cache_moves_between_devices_and_dtypes(tiny_pipe, portrait):
+    cache = tiny_pipe.prepare_reference(portrait)
+    half = cache.to(dtype=torch.bfloat16)
+    assert half.latent.dtype == torch.bfloat16 and half.bank[1].dtype == torch.bfloat16
+    assert cache.latent.dtype == torch.float32  # the original is untouched
+    assert half.nbytes * 2 == cache.nbytes
+
+
+def test_motion_frames_carry_the_previous_window(tiny_pipe, portrait):
+    """Window 2 depends on window 1's last frames: changing them changes window 2."""
+    cfg = tiny_pipe.config
+    cache = tiny_pipe.prepare_reference(portrait)
+    for module in tiny_pipe.backbone.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.abs().sum() == 0:
+            torch.nn.init.normal_(module.weight, std=0.05)
+    try:
+        audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))
+        motion = torch.randn(cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+
+        def window(m):
+            w = WindowInput(cache, audio, torch.zeros(cfg.frames_per_window), m, window_seed(0, 1))
+            return tiny_pipe.denoise_windows([w])
+
+        assert torch.equal(window(motion), window(motion.clone()))
+        assert not torch.allclose(window(motion), window(motion + 1))
+    finally:
+        tiny_pipe.backbone.load_state_dict(AvatarPipeline.from_config("tiny", seed=0).backbone.state_dict())
+
+
+def test_guidance_runs_three_passes_and_changes_output(tiny_pipe, portrait):
+    plain = render(tiny_pipe, portrait, seconds=0.2, seed=1)
+    guided = render(tiny_pipe, portrait, seconds=0.2, seed=1, guidance_scale=3.0)
+    assert plain.shape == guided.shape
+
+
+def test_teacher_sampler_ddim_many_steps(tiny_pipe, portrait):
+    cache = tiny_pipe.prepare_reference(portrait)
+    audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))
+    w = WindowInput(cache, audio, torch.zeros(4), None, 0)
+    out = tiny_pipe.denoise_windows([w], steps=25, sampler="ddim", guidance_scale=2.0)
+    assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_long_audio_streams_window_by_window(tiny_pipe, portrait):
+    """A 3-minute render is lazy: each window is sampled only when its frames are pulled, so memory is one window.
+
+    The sampler is replaced by a counter returning zero latents (the real sampler is covered above): this test is
+    about the windowing of 4500 frames, and stays fast.
+    """
+    cfg = tiny_pipe.config
+    calls = []
+
+    def counting_sampler(windows, **kwargs):
+        calls.append(len(windows))
+        return torch.zeros(len(windows), cfg.frames_per_window, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+
+    tiny_pipe.denoise_windows = counting_sampler
+    try:
+        frames = tiny_pipe.render(portrait, np.zeros(AUDIO_SAMPLE_RATE * 180, np.float32))
+        first = [next(frames) for _ in range(cfg.frames_per_window)]
+        assert len(calls) == 1
+        rest = sum(1 for _ in frames)
+    finally:
+        del tiny_pipe.denoise_windows
+    assert len(first) + rest == 180 * 25
+    assert len(calls) == 180 * 25 // cfg.frames_per_window
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_pipe, tiny_model_dir, portrait):
+    loaded = AvatarPipeline.from_pretrained(tiny_model_dir)
+    for name in ("vae", "reference_net", "backbone", "audio_encoder"):
+        a, b = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config == tiny_pipe.config
+    assert loaded.model_id == tiny_pipe.model_id
+    assert np.array_equal(render(tiny_pipe, portrait, seed=5), render(loaded, portrait, seed=5))
+
+
+def test_checkpoint_directory_layout(tiny_model_dir):
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    assert index["components"]["backbone"] == "EmoBackbone"
+    for component in ("vae", "reference_net", "backbone", "audio_encoder"):
+        assert (tiny_model_dir / component / "config.json").is_file()
+        assert (tiny_model_dir / component / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tiny_model_dir / "scheduler" / "scheduler_config.json").is_file()
+    assert not list(tiny_model_dir.parent.glob(".tiny*")), "no temporary directories left behind"
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_missing_weights_file_is_named(model_copy):
+    (model_copy / "backbone" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"backbone/diffusion_pytorch_model\.safetensors is missing"):
+        AvatarPipeline.from_pretrained(model_copy)
+
+
+def test_missing_index_and_directory_are_named(model_copy, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        AvatarPipeline.from_pretrained(tmp_path / "nope")
+    (model_copy / "model_index.json").unlink()
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        AvatarPipeline.from_pretrained(model_copy)
+
+
+def test_mismatched_component_config_is_named(model_copy):
+    path = model_copy / "backbone" / "config.json"
+    config = json.loads(path.read_text())
+    config["block_out_channels"] = [16, 48]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"backbone/config\.json: block_out_channels"):
+        AvatarPipeline.from_pretrained(model_copy)
+
+
+def test_weights_from_another_model_are_named(model_copy, tmp_path):
+    bigger = AvatarPipeline.from_config(AvatarPipeline.from_pretrained(model_copy).config.replace(block_out_channels=(16, 48)))
+    bigger.save_pretrained(tmp_path / "bigger")
+    shutil.copy(tmp_path / "bigger" / "backbone" / "diffusion_pytorch_model.safetensors", model_copy / "backbone")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors does not match .*wrong shape"):
+        AvatarPipeline.from_pretrained(model_copy)
+
+
+def test_corrupt_weights_file_is_named(model_copy):
+    (model_copy / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match=r"vae/diffusion_pytorch_model\.safetensors is unreadable"):
+        AvatarPipeline.from_pretrained(model_copy)
+
+
+def test_wav2vec2_model_saves_loads_and_renders(tmp_path, portrait):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from avatar.audio import Wav2Vec2AudioEncoder
+    from avatar.config import get_preset
+
+    w2v_config = Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    )
+    cfg = get_preset("tiny").replace(audio_encoder="wav2vec2", wav2vec2_layers=(1, 2), audio_feature_dim=32)
+    torch.manual_seed(0)
+    components = AvatarPipeline._build_components(cfg.replace(audio_encoder="mel"))
+    components["audio_encoder"] = Wav2Vec2AudioEncoder(Wav2Vec2Model(w2v_config).eval(), (1, 2))
+    pipe = AvatarPipeline(cfg, **components)
+    pipe.save_pretrained(tmp_path / "w2v-model")
+    loaded = AvatarPipeline.from_pretrained(tmp_path / "w2v-model")
+    assert isinstance(loaded.audio_encoder, Wav2Vec2AudioEncoder) and loaded.audio_encoder.layers == (1, 2)
+    a, b = render(pipe, portrait, seconds=0.5, seed=2), render(loaded, portrait, seconds=0.5, seed=2)
+    assert a.shape == (12, 32, 32, 3) and np.array_equal(a, b)
+
+
+def test_untrained_default_warns(monkeypatch, tmp_path):
+    import avatar.pipeline as pipeline_module
+    from avatar.pipeline import UntrainedModelWarning
+
+    monkeypatch.setattr(pipeline_module, "BUNDLED_MODEL_DIR", tmp_path / "none")
+    with pytest.warns(UntrainedModelWarning):
+        pipe = AvatarPipeline.from_pretrained(None)
+    assert pipe.config.preset == "default" and not pipe.trained
+
+
+def test_cuda_request_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EmoteError, match="no CUDA GPU"):
+        AvatarPipeline.from_config("tiny", device="cuda")
