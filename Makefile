@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng libespeak-ng1 sox ffmpeg libportaudio2
+APT_PACKAGES := espeak-ng libespeak-ng1 sox ffmpeg libportaudio2 chromium chromium-driver coturn
 
 .PHONY: setup system-deps serve test demo
 

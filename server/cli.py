@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "avatar.cli",
     "avatar.data.cli",
     "avatar.eval.cli",
+    "server.serve",
 )
 
 
@@ -30,10 +31,16 @@ class OneLineParser(argparse.ArgumentParser):
 def register_bench(subparsers) -> None:
     """`emote bench` times the model alone; `emote bench --streaming` times the streaming engine end to end."""
     from avatar.cli import add_bench_options, run_bench
+    from streaming.cli import add_bench_options as add_streaming_options
+    from streaming.cli import run_bench as run_streaming_bench
+
+    def dispatch(args):
+        return run_streaming_bench(args) if args.streaming else run_bench(args)
 
     bench = subparsers.add_parser("bench", help="benchmark the model (or, with --streaming, live sessions); JSON out")
     add_bench_options(bench)
-    bench.set_defaults(func=run_bench)
+    add_streaming_options(bench)
+    bench.set_defaults(func=dispatch)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,401 @@
+"""The HTTP/WebSocket API and the static client. Every error is a 4xx JSON body `{"error": code, "message": ...}`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from avatar.errors import EmoteError
+
+from .avatars import AvatarNotFound, AvatarStore, valid_avatar_id
+from .metrics import render_metrics
+from .sessions import ServerFull, SessionManager, SessionNotFound
+from .settings import Settings
+
+logger = logging.getLogger("emote.server")
+
+SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
+RETRY_AFTER_SECONDS = 10
+WS_MESSAGE_LIMIT = 256 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"error": code, "message": message}
+
+
+def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> FastAPI:
+    sessions = SessionManager(settings, engine, avatars)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        sessions.start()
+        try:
+            yield
+        finally:  # graceful shutdown: close every peer, then stop the model worker
+            await sessions.close_all()
+            await engine.stop()
+
+    app = FastAPI(
+        title="emote-live",
+        version="0.1.0",
+        description="Real-time portrait animation: WebRTC sessions driven by a microphone or pushed TTS audio.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.sessions, app.state.avatars, app.state.engine = settings, sessions, avatars, engine
+
+    # ---- errors -------------------------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse(error_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), status_code=422)
+
+    # ---- auth ---------------------------------------------------------------------------------------------------
+
+    def check_token(supplied: str | None) -> None:
+        if settings.token is None:
+            return
+        if supplied is None or not hmac.compare_digest(supplied.encode(), settings.token.encode()):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+
+    def authorize(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        check_token(header[7:] if header.lower().startswith("bearer ") else None)
+
+    def avatar_or_404(avatar_id: str):
+        if not valid_avatar_id(avatar_id):
+            raise ApiError(404, "unknown_avatar", f"no avatar {avatar_id[:64]!r}")
+        try:
+            return avatars.info(avatar_id)
+        except AvatarNotFound:
+            raise ApiError(404, "unknown_avatar", f"no avatar {avatar_id!r}") from None
+
+    # ---- ops ----------------------------------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness and readiness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "sessions": len(sessions), "engine_sessions": len(engine.sessions),
+                "max_sessions": settings.max_sessions,
+                "model": pipeline.config.preset, "trained": pipeline.trained}
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(render_metrics(sessions, engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/config", tags=["ops"], summary="What the browser client needs: ICE servers, limits, auth")
+    async def client_config() -> dict[str, Any]:
+        return {"ice_servers": [s.to_browser() for s in settings.ice_servers],
+                "auth_required": settings.token is not None, "resolution": pipeline.resolution,
+                "max_upload_bytes": settings.max_upload_bytes}
+
+    # ---- avatars ------------------------------------------------------------------------------------------------
+
+    @app.get("/api/avatars", tags=["avatars"], summary="List avatars")
+    async def list_avatars(request: Request) -> list[dict]:
+        authorize(request)
+        return [info.to_json() for info in avatars.list()]
+
+    @app.post("/api/avatars", tags=["avatars"], status_code=201, summary="Upload a portrait (multipart field `image`)",
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": ["image"],
+                  "properties": {"image": {"type": "string", "format": "binary"}, "name": {"type": "string"}}}}}}})
+    async def upload_avatar(request: Request) -> JSONResponse:
+        authorize(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+            raise ApiError(413, "too_large", f"uploads are limited to {settings.max_upload_bytes} bytes")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type", "send the portrait as multipart/form-data, field `image`")
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=settings.max_upload_bytes)
+        except Exception as exc:  # starlette raises its own parse errors (including oversize parts)
+            raise ApiError(400, "bad_upload", f"could not read the upload: {exc}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "bad_upload", "the form needs a file field named `image`")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "too_large", f"uploads are limited to {settings.max_upload_bytes} bytes")
+        name = form.get("name")
+        try:
+            info = await avatars.create(data, name if isinstance(name, str) else (upload.filename or "Avatar"))
+        except EmoteError as exc:
+            raise ApiError(422, "bad_image", str(exc)) from None
+        return JSONResponse(info.to_json(), status_code=201, headers={"Location": f"/api/avatars/{info.id}"})
+
+    @app.get("/api/avatars/{avatar_id}", tags=["avatars"], summary="One avatar")
+    async def get_avatar(avatar_id: str, request: Request) -> dict:
+        authorize(request)
+        return avatar_or_404(avatar_id).to_json()
+
+    @app.get("/api/avatars/{avatar_id}/portrait.png", tags=["avatars"], summary="The cropped portrait",
+             response_class=Response)
+    async def get_portrait(avatar_id: str) -> Response:
+        avatar_or_404(avatar_id)  # portraits are public so <img> tags work without headers
+        return Response(avatars.portrait_png(avatar_id), media_type="image/png")
+
+    @app.delete("/api/avatars/{avatar_id}", tags=["avatars"], status_code=204, summary="Delete an avatar",
+                response_class=Response)
+    async def delete_avatar(avatar_id: str, request: Request) -> Response:
+        authorize(request)
+        avatar_or_404(avatar_id)
+        try:
+            await avatars.delete(avatar_id)
+        except PermissionError as exc:
+            raise ApiError(409, "builtin_avatar", str(exc)) from None
+        engine.remove_avatar(avatar_id)  # sessions already using it keep their shared reference until they end
+        return Response(status_code=204)
+
+    # ---- sessions (WHIP-style) ----------------------------------------------------------------------------------
+
+    async def open_session(offer: str, avatar_id: str, mode: str, on_closed=None):
+        avatar_or_404(avatar_id)
+        try:
+            return await sessions.create(offer, avatar_id, mode, on_closed)
+        except ServerFull:
+            raise ApiError(503, "server_full", f"all {settings.max_sessions} sessions are in use; retry later",
+                           {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except EmoteError as exc:
+            raise ApiError(400, "bad_offer", str(exc)) from None
+
+    @app.post("/api/sessions", tags=["sessions"], status_code=201, summary="Start a session from an SDP offer (WHIP)",
+              response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/sdp": {"schema": {"type": "string"}}}},
+                             "responses": {"201": {"description": "The SDP answer; `Location` names the session",
+                                                   "content": {"application/sdp": {"schema": {"type": "string"}}}},
+                                           "503": {"description": "The server is full; see `Retry-After`"}}})
+    async def create_session(request: Request, avatar: str = Query("default", max_length=64),
+                             mode: str = Query("mic", pattern="^(mic|presenter)$")) -> Response:
+        authorize(request)
+        if not request.headers.get("content-type", "").startswith("application/sdp"):
+            raise ApiError(415, "unsupported_media_type", "send the offer as application/sdp")
+        body = await request.body()
+        try:
+            offer = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_offer", "the SDP offer is not UTF-8") from None
+        session, answer = await open_session(offer, avatar, mode)
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/api/sessions/{session.id}"})
+
+    def session_or_404(session_id: str):
+        try:
+            return sessions.get(session_id)
+        except SessionNotFound:
+            raise ApiError(404, "unknown_session", f"no session {session_id[:64]!r}") from None
+
+    @app.get("/api/sessions/{session_id}", tags=["sessions"], summary="Live statistics of a session")
+    async def session_stats(session_id: str, request: Request) -> dict:
+        authorize(request)
+        return session_or_404(session_id).stats()
+
+    @app.post("/api/sessions/{session_id}/interrupt", tags=["sessions"], status_code=204, response_class=Response,
+              summary="Barge-in: drop queued audio and close the mouth")
+    async def interrupt_session(session_id: str, request: Request) -> Response:
+        authorize(request)
+        session_or_404(session_id).interrupt()
+        return Response(status_code=204)
+
+    @app.delete("/api/sessions/{session_id}", tags=["sessions"], status_code=204, response_class=Response,
+                summary="End a session")
+    async def delete_session(session_id: str, request: Request) -> Response:
+        authorize(request)
+        session_or_404(session_id)
+        await sessions.close(session_id, "deleted")
+        return Response(status_code=204)
+
+    # ---- presenter audio ----------------------------------------------------------------------------------------
+
+    @app.websocket("/api/sessions/{session_id}/audio")
+    async def presenter_audio(websocket: WebSocket, session_id: str, rate: int = 16000, channels: int = 1,
+                              token: str | None = None) -> None:
+        """Binary messages: s16le PCM at `rate` Hz with `channels` interleaved. Text messages: JSON
+        `{"type": "interrupt"}` or `{"type": "end_of_speech"}`. Errors close with code 4400/4401/4404/4409."""
+        await websocket.accept()
+        try:
+            check_token(token or _bearer(websocket))
+        except ApiError as exc:
+            return await _ws_fail(websocket, 4401, exc.code, exc.message)
+        session = sessions.sessions.get(session_id)
+        if session is None:
+            return await _ws_fail(websocket, 4404, "unknown_session", f"no session {session_id[:64]!r}")
+        if session.mode != "presenter":
+            return await _ws_fail(websocket, 4409, "wrong_mode", "audio can only be pushed to presenter sessions")
+        if not 8000 <= rate <= 96000 or channels not in (1, 2):
+            return await _ws_fail(websocket, 4400, "bad_format", "rate must be 8000..96000 and channels 1 or 2")
+        frame_bytes = 2 * channels
+        closed = asyncio.create_task(session.closed.wait())
+        try:
+            while True:
+                receive = asyncio.create_task(websocket.receive())
+                done, _ = await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    receive.cancel()
+                    return await _ws_fail(websocket, 4410, "session_closed", f"session ended: {session.close_reason}")
+                message = receive.result()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    data = message["bytes"]
+                    if len(data) % frame_bytes:
+                        return await _ws_fail(websocket, 4400, "bad_framing",
+                                              f"{len(data)} bytes is not a whole number of {frame_bytes}-byte frames")
+                    if len(data) > WS_MESSAGE_LIMIT:
+                        return await _ws_fail(websocket, 4400, "too_large", f"messages are limited to {WS_MESSAGE_LIMIT} bytes")
+                    session.push_audio(data, rate, channels)
+                else:
+                    control = _parse_control(message.get("text"))
+                    if control is None or control.get("type") not in ("interrupt", "end_of_speech"):
+                        return await _ws_fail(websocket, 4400, "bad_message",
+                                              'text messages must be {"type": "interrupt"} or {"type": "end_of_speech"}')
+                    session.interrupt() if control["type"] == "interrupt" else session.end_of_speech()
+        except WebSocketDisconnect:
+            return
+        finally:
+            closed.cancel()
+
+    # ---- browser signaling --------------------------------------------------------------------------------------
+
+    @app.websocket("/ws")
+    async def signaling(websocket: WebSocket, token: str | None = None) -> None:
+        await websocket.accept()
+        try:
+            check_token(token)
+        except ApiError as exc:
+            return await _ws_fail(websocket, 4401, exc.code, exc.message)
+        await SignalingChannel(websocket, open_session, sessions, avatars).run()
+
+    if settings.static_dir.is_dir():
+        app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client")
+    return app
+
+
+def _bearer(websocket: WebSocket) -> str | None:
+    header = websocket.headers.get("authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
+def _parse_control(text: str | None) -> dict | None:
+    if not text or len(text) > WS_MESSAGE_LIMIT:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def _ws_fail(websocket: WebSocket, code: int, error: str, message: str) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_json({"type": "error", **error_body(error, message)})
+        await websocket.close(code=code, reason=message[:120])
+
+
+class SignalingChannel:
+    """One browser tab. Messages (JSON):
+    client -> server: {"type": "offer", "sdp", "avatar"?, "mode"?}, {"type": "interrupt"},
+                      {"type": "avatar", "avatar"} (before the offer), {"type": "ping"}
+    server -> client: {"type": "answer", "sdp", "session"}, {"type": "stats", ...} every second,
+                      {"type": "pong"}, {"type": "error", "error", "message"}, {"type": "closed", "reason"}
+    Closing the WebSocket (e.g. the tab) ends the session at once, without waiting for ICE to time out.
+    """
+
+    def __init__(self, websocket: WebSocket, open_session, sessions: SessionManager, avatars: AvatarStore):
+        self.ws, self.open_session, self.sessions, self.avatars = websocket, open_session, sessions, avatars
+        self.session = None
+        self.avatar = "default"
+        self.stats_task: asyncio.Task | None = None
+
+    async def send(self, message: dict) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.send_json(message)
+
+    async def error(self, code: str, message: str) -> None:
+        await self.send({"type": "error", **error_body(code, message)})
+
+    async def run(self) -> None:
+        try:
+            while True:
+                text = await self.ws.receive_text()
+                message = _parse_control(text)
+                if message is None or not isinstance(message.get("type"), str):
+                    await self.error("bad_message", "messages must be JSON objects with a string `type`")
+                    continue
+                await self.handle(message)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            if self.stats_task is not None:
+                self.stats_task.cancel()
+            if self.session is not None:
+                await self.sessions.close(self.session.id, "signaling closed")
+
+    async def handle(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "ping":
+            await self.send({"type": "pong", "t": message.get("t")})
+        elif kind == "avatar":
+            if self.session is not None:
+                await self.error("bad_state", "the avatar is chosen before the offer")
+            elif not isinstance(message.get("avatar"), str):
+                await self.error("bad_message", "`avatar` must be a string id")
+            else:
+                self.avatar = message["avatar"]
+        elif kind == "offer":
+            await self.offer(message)
+        elif kind == "interrupt":
+            if self.session is None:
+                await self.error("bad_state", "no session to interrupt")
+            else:
+                self.session.interrupt()
+        else:
+            await self.error("bad_message", f"unknown message type {kind[:32]!r}")
+
+    async def offer(self, message: dict) -> None:
+        if self.session is not None:
+            return await self.error("bad_state", "this connection already has a session")
+        sdp, avatar, mode = message.get("sdp"), message.get("avatar", self.avatar), message.get("mode", "mic")
+        if not isinstance(sdp, str) or not isinstance(avatar, str) or not isinstance(mode, str):
+            return await self.error("bad_message", "`sdp`, `avatar` and `mode` must be strings")
+        try:
+            session, answer = await self.open_session(sdp, avatar, mode, on_closed=self.on_closed)
+        except ApiError as exc:
+            return await self.send({"type": "error", **error_body(exc.code, exc.message), "status": exc.status})
+        self.session = session
+        await self.send({"type": "answer", "sdp": answer, "session": session.id})
+        self.stats_task = asyncio.create_task(self.push_stats())
+
+    def on_closed(self, session) -> None:
+        asyncio.get_running_loop().create_task(self.send({"type": "closed", "reason": session.close_reason}))
+
+    async def push_stats(self) -> None:
+        while self.session is not None and not self.session.closed.is_set():
+            await asyncio.sleep(1.0)
+            await self.send({"type": "stats", **self.session.stats()})

@@ -1,0 +1,125 @@
+"""`emote serve`: load the model, the avatars and the streaming engine, and run FastAPI on uvicorn."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from avatar.errors import EmoteError
+
+from .settings import DEFAULT_DATA_DIR, IceServer, Settings
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the WebRTC server and the browser client")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    serve.add_argument("--max-sessions", type=int, default=4)
+    serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                       help="stun:HOST:PORT or turn:USER:PASS@HOST:PORT (repeatable)")
+    serve.add_argument("--token", default=os.environ.get("EMOTE_TOKEN"),
+                       help="bearer token for the API (default: $EMOTE_TOKEN); required off loopback")
+    serve.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a token")
+    serve.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EMOTE_DATA_DIR", DEFAULT_DATA_DIR)))
+    serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without activity (default 300)")
+    serve.add_argument("--max-duration", type=float, default=3600.0, help="seconds per session (default 3600)")
+    serve.add_argument("--tls-cert", type=Path, default=None)
+    serve.add_argument("--tls-key", type=Path, default=None)
+    serve.add_argument("--log-format", choices=("json", "text"), default="json")
+    serve.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        device=args.device,
+        max_sessions=args.max_sessions,
+        ice_servers=tuple(IceServer.parse(url) for url in args.ice_server),
+        token=args.token or None,
+        allow_no_auth=args.no_auth,
+        data_dir=args.data_dir,
+        idle_timeout=args.idle_timeout,
+        max_duration=args.max_duration,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    ).validate()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any `extra=` fields the caller attached."""
+
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._standard})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(fmt: str) -> dict:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    # uvicorn's own loggers go through the root handler too.
+    return {"version": 1, "disable_existing_loggers": False,
+            "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")}}
+
+
+def build_app(settings: Settings):
+    """Model, avatars, engine and app, ready for uvicorn (also used by the tests)."""
+    from avatar.cli import load_pipeline
+    from streaming.engine import StreamingEngine
+
+    from .app import create_app
+    from .avatars import AvatarStore
+
+    pipeline = load_pipeline(settings.model, settings.device)
+    avatars = AvatarStore(settings.data_dir / "avatars", pipeline)
+    avatars.load()
+    engine = StreamingEngine(pipeline)
+    return create_app(settings, pipeline, engine, avatars)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = settings_from_args(args)
+    log_config = configure_logging(args.log_format)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmoteError(f"cannot create --data-dir {settings.data_dir}: {exc}") from exc
+    app = build_app(settings)
+    scheme = "https" if settings.tls_cert else "http"
+    logging.getLogger("emote.server").info(f"serving on {scheme}://{settings.host}:{settings.port}/",
+                                           extra={"model": app.state.engine.pipeline.config.preset})
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        log_config=log_config,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        timeout_graceful_shutdown=10,
+    )
+    return 0

@@ -1,0 +1,190 @@
+"""A real aiortc peer against a real `emote serve` on loopback: WHIP sessions in mic and presenter mode."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamError
+
+from conftest import speech_like, write_wav
+from server_fixtures import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rtc-server")
+    with running_server(tmp, "--max-sessions", "2") as (base_url, process):
+        yield base_url
+
+
+async def whip(base_url: str, pc: RTCPeerConnection, **params) -> tuple[str, httpx.Response]:
+    await pc.setLocalDescription(await pc.createOffer())
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        response = await client.post("/api/sessions", params=params, content=pc.localDescription.sdp,
+                                     headers={"Content-Type": "application/sdp"})
+    assert response.status_code == 201, response.text
+    await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+    return response.headers["Location"], response
+
+
+async def collect(track, seconds: float) -> list[tuple[float, object]]:
+    """(arrival time, frame) for every frame received within `seconds`."""
+    frames = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = await asyncio.wait_for(track.recv(), timeout=left)
+        except (asyncio.TimeoutError, MediaStreamError):
+            break
+        frames.append((time.monotonic(), frame))
+    return frames
+
+
+async def health(base_url: str) -> dict:
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        return (await client.get("/healthz")).json()
+
+
+async def wait_for_sessions(base_url: str, count: int, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await health(base_url)
+        if state["sessions"] == count and state.get("engine_sessions", count) == count:
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} sessions, server says {state}")
+        await asyncio.sleep(0.2)
+
+
+async def test_mic_session_streams_25_fps_and_tears_down(server, tmp_path):
+    wav = write_wav(tmp_path / "speech.wav", np.tile(speech_like(2.0), 7))
+    player = MediaPlayer(str(wav))
+    pc = RTCPeerConnection()
+    pc.addTrack(player.audio)
+    pc.addTransceiver("video", direction="recvonly")
+    video = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda track: track.kind == "video" and video.set_result(track))
+    location, _ = await whip(server, pc, avatar="default", mode="mic")
+    track = await asyncio.wait_for(video, 10)
+    await collect(track, 2.0)  # connection set-up and the first keyframe
+    frames = await collect(track, 10.0)
+    fps = (len(frames) - 1) / (frames[-1][0] - frames[0][0])
+    assert fps >= 24, f"received {len(frames)} frames: {fps:.1f} fps"
+    assert {(f.width, f.height) for _, f in frames} == {(32, 32)}  # the tiny model's frame size
+    pts = [f.pts for _, f in frames]
+    assert all(b - a == 3600 for a, b in zip(pts, pts[1:])), "frames are stamped 1/25 s apart on the 90 kHz clock"
+
+    async with httpx.AsyncClient(base_url=server) as client:
+        stats = (await client.get(location)).json()
+        assert stats["mode"] == "mic" and stats["counters"]["frames_emitted"] > 250
+        assert stats["counters"]["speech_frames"] > 0, "the microphone audio reached the model"
+        assert (await client.delete(location)).status_code == 204
+        assert (await client.delete(location)).status_code == 404
+    await wait_for_sessions(server, 0)
+    await pc.close()
+    player.audio.stop()
+
+
+async def test_vanished_peer_is_torn_down(server):
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="sendonly")
+    await whip(server, pc, mode="mic")
+    await wait_for_sessions(server, 1)
+    await pc.close()  # the peer goes away without a DELETE: DTLS close -> connection state "closed"/"failed"
+    await wait_for_sessions(server, 0, timeout=40)
+
+
+async def test_presenter_audio_comes_back_aligned_with_video(server):
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: dict[str, object] = {}
+    both = asyncio.Event()
+
+    def on_track(track):
+        tracks[track.kind] = track
+        if len(tracks) == 2:
+            both.set()
+
+    pc.on("track", on_track)
+    location, _ = await whip(server, pc, mode="presenter")
+    await asyncio.wait_for(both.wait(), 10)
+    ws_url = server.replace("http", "ws") + f"{location}/audio?rate=16000&channels=1"
+
+    rate = 16000
+    t = np.arange(rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    pcm = (tone * 32767).astype("<i2").tobytes()
+
+    async def push_after(delay: float) -> float:
+        await asyncio.sleep(delay)
+        async with websockets.connect(ws_url) as ws:
+            for i in range(0, len(pcm), 6400):  # 200 ms messages
+                await ws.send(pcm[i : i + 6400])
+            sent = time.monotonic()
+            await asyncio.sleep(2.5)
+        return sent
+
+    video_frames, audio_frames, _ = await asyncio.gather(
+        collect(tracks["video"], 6.0), collect(tracks["audio"], 6.0), push_after(1.5)
+    )
+    assert len(video_frames) > 100 and len(audio_frames) > 200
+
+    # Where the tone is, in the received audio: 20 ms frames with energy at 440 Hz.
+    def level(frame) -> float:
+        samples = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels)).mean(axis=1)
+        return float(np.sqrt(np.mean(samples**2)) / 32768)
+
+    loud = [f for _, f in audio_frames if level(f) > 0.1]
+    assert 40 <= len(loud) <= 60, f"{len(loud)} loud 20 ms frames; expected about 50 (one second of tone)"
+    spectrum = np.abs(np.fft.rfft(np.concatenate([f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0] for f in loud[5:15]])))
+    peak_hz = np.argmax(spectrum) * 48000 / (len(spectrum) * 2 - 2)
+    assert abs(peak_hz - 440) < 15, peak_hz
+
+    # Both tracks run on one clock: arrival time minus media time is the same for audio and video.
+    def offsets(frames, clock_rate):
+        first = frames[0][1].pts
+        return np.median([arrival - (f.pts - first) / clock_rate for arrival, f in frames])
+
+    skew = offsets(audio_frames, 48000) - offsets(video_frames, 90000)
+    assert abs(skew) < 0.08, f"audio and video media clocks differ by {skew * 1000:.0f} ms"
+
+    async with httpx.AsyncClient(base_url=server) as client:
+        stats = (await client.get(location)).json()
+        assert stats["counters"]["speech_frames"] >= 20
+        await client.delete(location)
+    await pc.close()
+
+
+async def test_server_full_answers_503_with_retry_after(server):
+    peers = []
+    try:
+        for _ in range(2):
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await whip(server, pc, mode="presenter")
+            peers.append(pc)
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            response = await client.post("/api/sessions", params={"mode": "presenter"}, content=pc.localDescription.sdp,
+                                         headers={"Content-Type": "application/sdp"})
+        await pc.close()
+        assert response.status_code == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert response.json()["error"] == "server_full"
+    finally:
+        for pc in peers:
+            await pc.close()
+    await wait_for_sessions(server, 0, timeout=40)
