@@ -38,7 +38,9 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
                     raise EmoteError(f"{name} is too large ({image.width}x{image.height} pixels)")
                 image.load()
                 return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise EmoteError(f"{name} is not a readable image (not a PNG, JPEG, WebP or other known format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise EmoteError(f"{name} is not a readable image: {exc}") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise EmoteError(f"{name} is too large: {exc}") from exc

@@ -205,6 +205,13 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
         return Response(answer, status_code=201, media_type="application/sdp",
                         headers={"Location": f"/api/sessions/{session.id}"})
 
+    @app.get("/api/sessions", tags=["sessions"], summary="Sessions now connected (e.g. for a presenter backend "
+             "to find the viewer session it should drive)")
+    async def list_sessions(request: Request) -> list[dict]:
+        authorize(request)
+        return [{"session": s.id, "mode": s.mode, "avatar": s.avatar_id, "location": f"/api/sessions/{s.id}"}
+                for s in sessions.sessions.values()]
+
     def session_or_404(session_id: str):
         try:
             return sessions.get(session_id)
@@ -387,7 +394,8 @@ class SignalingChannel:
         try:
             session, answer = await self.open_session(sdp, avatar, mode, on_closed=self.on_closed)
         except ApiError as exc:
-            return await self.send({"type": "error", **error_body(exc.code, exc.message), "status": exc.status})
+            extra = {"retry_after": int(exc.headers["Retry-After"])} if "Retry-After" in exc.headers else {}
+            return await self.send({"type": "error", **error_body(exc.code, exc.message), "status": exc.status, **extra})
         self.session = session
         await self.send({"type": "answer", "sdp": answer, "session": session.id})
         self.stats_task = asyncio.create_task(self.push_stats())

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ).validate()
 
 
+class RedactTokens(logging.Filter):
+    """Access logs print WebSocket URLs, and browsers can only pass the token in the query string."""
+
+    pattern = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self.pattern.sub(r"\1***", message), None
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with any `extra=` fields the caller attached."""
 
@@ -74,6 +87,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(fmt: str) -> dict:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactTokens())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

@@ -135,7 +135,7 @@ class SessionManager:
             session.tasks.append(asyncio.create_task(pump_output(stream, video, audio), name=f"pump-{session.id}"))
             session.tasks.append(asyncio.create_task(self._keyframes(session), name=f"keyframes-{session.id}"))
             session.tasks.append(asyncio.create_task(self._liveness(session), name=f"liveness-{session.id}"))
-            logger.info("session opened", extra={"session": session.id, "mode": mode, "avatar": avatar_id})
+            logger.info(f"session {session.id} opened ({mode}, avatar {avatar_id})", extra={"session": session.id, "mode": mode, "avatar": avatar_id})
             return session, pc.localDescription.sdp
         except BaseException:
             if session is not None:
@@ -220,7 +220,7 @@ class SessionManager:
         callback = getattr(session, "closed_callback", None)
         if callback is not None:
             callback(session)
-        logger.info("session closed", extra={"session": session.id, "reason": reason})
+        logger.info(f"session {session.id} closed: {reason}", extra={"session": session.id, "reason": reason})
 
     async def _watch(self) -> None:
         while True:

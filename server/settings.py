@@ -48,7 +48,7 @@ class Settings:
     token: str | None = None
     allow_no_auth: bool = False
     data_dir: Path = DEFAULT_DATA_DIR
-    idle_timeout: float = 120.0  # seconds without media or control activity
+    idle_timeout: float = 300.0  # seconds without media or control activity
     max_duration: float = 3600.0  # seconds, any session
     max_upload_bytes: int = 10 * 2**20
     keyframe_interval: float = 2.0  # seconds between forced keyframes

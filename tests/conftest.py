@@ -6,8 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from avatar.config import AUDIO_SAMPLE_RATE
+
+# The suite starts servers in subprocesses next to this process; with both spinning two OpenMP threads on a
+# 2-core machine, oversubscription slows everything down many times. Tiny models gain nothing from two threads.
+torch.set_num_threads(1)
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = AUDIO_SAMPLE_RATE, channels: int = 1) -> Path:

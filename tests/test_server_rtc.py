@@ -188,3 +188,100 @@ async def test_server_full_answers_503_with_retry_after(server):
         for pc in peers:
             await pc.close()
     await wait_for_sessions(server, 0, timeout=40)
+
+
+async def presenter_peer(base_url: str) -> tuple[RTCPeerConnection, str, dict]:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: dict = {}
+    both = asyncio.Event()
+
+    def on_track(track):
+        tracks[track.kind] = track
+        if len(tracks) == 2:
+            both.set()
+
+    pc.on("track", on_track)
+    location, _ = await whip(base_url, pc, mode="presenter")
+    await asyncio.wait_for(both.wait(), 10)
+    return pc, location, tracks
+
+
+def loudness(frame) -> float:
+    samples = frame.to_ndarray().astype(np.float32)
+    return float(np.sqrt(np.mean(samples**2)) / 32768)
+
+
+async def test_interrupt_stops_audio_and_lips_together(server):
+    pc, location, tracks = await presenter_peer(server)
+    ws_url = server.replace("http", "ws") + f"{location}/audio"
+    tone = (0.5 * np.sin(2 * np.pi * 300 * np.arange(16000 * 4) / 16000) * 32767).astype("<i2").tobytes()
+    interrupted_at = {}
+
+    async def push_then_interrupt():
+        async with websockets.connect(ws_url) as ws:
+            await ws.send(tone)  # 4 s of audio, queued at once (as a TTS backend would)
+            await asyncio.sleep(1.5)
+            await ws.send(json.dumps({"type": "interrupt"}))
+            interrupted_at["t"] = time.monotonic()
+            await asyncio.sleep(2.0)
+
+    audio, _ = await asyncio.gather(collect(tracks["audio"], 4.0), push_then_interrupt())
+    loud_before = [t for t, f in audio if loudness(f) > 0.1 and t < interrupted_at["t"]]
+    loud_after = [t for t, f in audio if loudness(f) > 0.1 and t > interrupted_at["t"] + 0.4]
+    assert len(loud_before) > 20, "the pushed audio played"
+    assert not loud_after, f"{len(loud_after)} loud frames more than 400 ms after the interrupt"
+    async with httpx.AsyncClient(base_url=server) as client:
+        stats = (await client.get(location)).json()
+        assert stats["counters"]["interrupts"] == 1
+        await client.delete(location)
+    await pc.close()
+
+
+async def test_presenter_socket_rejects_bad_framing_and_mic_sessions(server):
+    pc, location, _ = await presenter_peer(server)
+    ws_base = server.replace("http", "ws")
+    async with websockets.connect(f"{ws_base}{location}/audio?channels=2") as ws:
+        await ws.send(b"\x00" * 6)  # 1.5 stereo s16 frames
+        assert json.loads(await ws.recv())["error"] == "bad_framing"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 4400
+    async with websockets.connect(f"{ws_base}{location}/audio") as ws:
+        await ws.send("{not json")
+        assert json.loads(await ws.recv())["error"] == "bad_message"
+    async with websockets.connect(f"{ws_base}{location}/audio?rate=5") as ws:
+        assert json.loads(await ws.recv())["error"] == "bad_format"
+    async with httpx.AsyncClient(base_url=server) as client:
+        assert (await client.get(location)).status_code == 200, "the session survives a bad client"
+        await client.delete(location)
+    await pc.close()
+
+    mic = RTCPeerConnection()
+    mic.addTransceiver("video", direction="recvonly")
+    mic.addTransceiver("audio", direction="sendonly")
+    mic_location, _ = await whip(server, mic, mode="mic")
+    async with websockets.connect(f"{ws_base}{mic_location}/audio") as ws:
+        assert json.loads(await ws.recv())["error"] == "wrong_mode"
+    async with httpx.AsyncClient(base_url=server) as client:
+        await client.delete(mic_location)
+    await mic.close()
+
+
+async def test_idle_timeout_and_graceful_shutdown(tmp_path):
+    from server_fixtures import start_server, stop_server
+
+    base_url, process = start_server(tmp_path, "--idle-timeout", "2")
+    try:
+        pc, location, _ = await presenter_peer(base_url)
+        await wait_for_sessions(base_url, 1)
+        await wait_for_sessions(base_url, 0, timeout=8)  # nobody pushed audio: closed as idle
+        await pc.close()
+        pc, location, _ = await presenter_peer(base_url)
+    finally:
+        code = stop_server(process)
+    await pc.close()
+    log = (tmp_path / "server.log").read_text()
+    assert code == 0
+    assert "idle timeout" in log and "server shutdown" in log

@@ -1,0 +1,216 @@
+"""The HTTP/WebSocket API against a real `emote serve`: every bad input is a 4xx with a JSON body, never a 500."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from PIL import Image
+
+from server_fixtures import REPO_ROOT, make_tiny_model, running_server, start_server, stop_server
+
+TOKEN = "s3cret-token-for-tests-0123"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("api-server")
+    base_url, process = start_server(tmp, model=tiny_model)
+    yield base_url
+    stop_server(process)
+    log = (tmp / "server.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert " 500" not in log
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c
+
+
+def png_bytes(width=200, height=240) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == code and body["message"], body
+    return body
+
+
+# ---- avatars ----------------------------------------------------------------------------------------------------
+
+def test_default_avatar_is_always_there(client):
+    avatars = client.get("/api/avatars").json()
+    assert avatars[0]["id"] == "default" and avatars[0]["builtin"]
+    portrait = client.get("/api/avatars/default/portrait.png")
+    assert portrait.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(portrait.content)).size == (32, 32)
+    assert_error(client.delete("/api/avatars/default"), 409, "builtin_avatar")
+
+
+@pytest.mark.parametrize("avatar_id", ["nope", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "a" * 32, "default/../x"])
+def test_unknown_and_traversal_avatar_ids_are_404(client, avatar_id):
+    for method in ("GET", "DELETE"):
+        response = client.request(method, f"/api/avatars/{avatar_id}")
+        # Clients may normalise "../" away first; whatever route is hit, it is a JSON 4xx, never a file.
+        assert response.status_code in (404, 405), (method, avatar_id, response.text)
+        assert response.json()["error"] in ("unknown_avatar", "not_found", "method_not_allowed")
+
+
+def test_upload_validates_images(client):
+    assert_error(client.post("/api/avatars", files={"image": ("x.png", b"not an image at all", "image/png")}), 422, "bad_image")
+    assert_error(client.post("/api/avatars", files={"image": ("x.png", b"", "image/png")}), 422, "bad_image")
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")
+    body = assert_error(client.post("/api/avatars", files={"image": ("bomb.png", bomb.getvalue(), "image/png")}), 422, "bad_image")
+    assert "too large" in body["message"]
+    assert_error(client.post("/api/avatars", files={"image": ("tiny.png", png_bytes(20, 20), "image/png")}), 422, "bad_image")
+    huge = b"\x89PNG" + bytes(11 * 2**20)
+    assert_error(client.post("/api/avatars", files={"image": ("big.png", huge, "image/png")}), 413, "too_large")
+    assert_error(client.post("/api/avatars", files={"other": ("x.png", png_bytes(), "image/png")}), 400, "bad_upload")
+    assert_error(client.post("/api/avatars", json={"image": "x"}), 415, "unsupported_media_type")
+    assert len(client.get("/api/avatars").json()) == 1, "nothing was persisted by failed uploads"
+
+
+def test_avatar_lifecycle_survives_restart(tmp_path, tiny_model):
+    with running_server(tmp_path, model=tiny_model) as (base_url, _):
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            created = c.post("/api/avatars", files={"image": ("me.png", png_bytes(), "image/png")}, data={"name": "Me"})
+            assert created.status_code == 201, created.text
+            info = created.json()
+            assert created.headers["location"] == f"/api/avatars/{info['id']}"
+            assert info["name"] == "Me" and len(info["id"]) == 32
+            assert c.get(f"/api/avatars/{info['id']}").json() == info
+    avatar_dir = tmp_path / "data" / "avatars" / info["id"]
+    assert {p.name for p in avatar_dir.iterdir()} == {"portrait.png", "reference.safetensors", "avatar.json"}
+    assert not [p for p in avatar_dir.parent.iterdir() if p.name.startswith(".")]
+    with running_server(tmp_path, model=tiny_model) as (base_url, _):
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            assert info["id"] in [a["id"] for a in c.get("/api/avatars").json()]
+            assert c.delete(f"/api/avatars/{info['id']}").status_code == 204
+            assert_error(c.get(f"/api/avatars/{info['id']}"), 404, "unknown_avatar")
+    assert not avatar_dir.exists()
+
+
+# ---- sessions -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,code", [
+    (b"", "bad_offer"),
+    (b"   \n", "bad_offer"),
+    (b"hello", "bad_offer"),
+    (b"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "bad_offer"),
+    (b"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nm=garbage\r\n", "bad_offer"),
+    (b"\xff\xfe\xfa", "bad_offer"),
+])
+def test_malformed_offers_are_400(client, body, code):
+    response = client.post("/api/sessions", content=body, headers={"Content-Type": "application/sdp"})
+    assert_error(response, 400, code)
+
+
+def test_session_request_validation(client):
+    sdp = {"Content-Type": "application/sdp"}
+    assert_error(client.post("/api/sessions", content=b"v=0", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
+    assert_error(client.post("/api/sessions?avatar=nope", content=b"v=0", headers=sdp), 404, "unknown_avatar")
+    assert_error(client.post("/api/sessions?avatar=../../x", content=b"v=0", headers=sdp), 404, "unknown_avatar")
+    assert_error(client.post("/api/sessions?mode=karaoke", content=b"v=0", headers=sdp), 422, "invalid_request")
+    for path in ("/api/sessions/" + "0" * 32, "/api/sessions/../../etc", "/api/sessions/x"):
+        assert client.get(path).status_code == 404
+        assert client.delete(path).status_code in (404, 405)
+    assert_error(client.post("/api/sessions/" + "0" * 32 + "/interrupt"), 404, "unknown_session")
+
+
+async def test_presenter_audio_socket_rejects_bad_input(server):
+    ws_base = server.replace("http", "ws")
+    async with websockets.connect(f"{ws_base}/api/sessions/{'0' * 32}/audio") as ws:
+        message = json.loads(await ws.recv())
+        assert message["error"] == "unknown_session"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 4404
+
+
+async def test_signaling_socket_survives_garbage(server):
+    async with websockets.connect(server.replace("http", "ws") + "/ws") as ws:
+        for garbage in ("not json", "[1, 2]", json.dumps({"type": 5}), json.dumps({"type": "dance"}),
+                        json.dumps({"type": "offer", "sdp": 42}), json.dumps({"type": "interrupt"})):
+            await ws.send(garbage)
+            reply = json.loads(await ws.recv())
+            assert reply["type"] == "error" and reply["error"] in ("bad_message", "bad_state"), reply
+        await ws.send(json.dumps({"type": "offer", "sdp": "v=0 nonsense"}))
+        reply = json.loads(await ws.recv())
+        assert reply["error"] == "bad_offer" and reply["status"] == 400
+        await ws.send(json.dumps({"type": "offer", "sdp": "v=0", "avatar": "nope"}))
+        reply = json.loads(await ws.recv())
+        assert reply["error"] == "unknown_avatar" and reply["status"] == 404
+        await ws.send(json.dumps({"type": "ping", "t": 7}))
+        assert json.loads(await ws.recv()) == {"type": "pong", "t": 7}
+
+
+def test_openapi_schema_describes_the_api(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/healthz", "/metrics", "/api/avatars", "/api/avatars/{avatar_id}", "/api/sessions",
+                 "/api/sessions/{session_id}", "/api/sessions/{session_id}/interrupt"):
+        assert path in paths, path
+    offer = paths["/api/sessions"]["post"]
+    assert "application/sdp" in offer["requestBody"]["content"]
+    assert {"201", "503"} <= set(offer["responses"])
+    assert "multipart/form-data" in paths["/api/avatars"]["post"]["requestBody"]["content"]
+
+
+def test_metrics_are_prometheus_text(client):
+    text = client.get("/metrics").text
+    assert "emote_sessions_active 0.0" in text
+    assert "# TYPE emote_audio_to_lip_ms gauge" in text
+
+
+# ---- auth and settings ------------------------------------------------------------------------------------------
+
+async def test_token_is_required_when_set_and_never_logged(tmp_path, tiny_model):
+    with running_server(tmp_path, "--token", TOKEN, model=tiny_model) as (base_url, _):
+        with httpx.Client(base_url=base_url) as c:
+            assert c.get("/healthz").status_code == 200  # health checks need no token
+            assert_error(c.get("/api/avatars"), 401, "unauthorized")
+            assert_error(c.get("/api/avatars", headers={"Authorization": "Bearer wrong-token-0000000"}), 401, "unauthorized")
+            assert c.get("/api/avatars", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+            assert c.get("/api/config").json()["auth_required"] is True
+        ws_base = base_url.replace("http", "ws")
+        async with websockets.connect(f"{ws_base}/ws") as ws:
+            assert json.loads(await ws.recv())["error"] == "unauthorized"
+        async with websockets.connect(f"{ws_base}/ws?token={TOKEN}") as ws:
+            await ws.send(json.dumps({"type": "ping", "t": 1}))
+            assert json.loads(await ws.recv())["type"] == "pong"
+    log = (tmp_path / "server.log").read_text()
+    assert "token=***" in log and TOKEN not in log
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--host", "0.0.0.0"], "needs --token"),
+    (["--port", "70000"], "--port must be between"),
+    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+    (["--ice-server", "http://x"], "--ice-server"),
+    (["--token", "short"], "at least 16 characters"),
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "does not exist"),
+])
+def test_serve_rejects_bad_options_with_exit_2(args, message):
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
