@@ -1,0 +1,1 @@
+"""Synthetic talking-face corpus: procedural faces, espeak-ng speech and singing, oracle ground truth."""
