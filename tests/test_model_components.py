@@ -160,3 +160,30 @@ def test_window_batch_must_share_frame_count(tiny_pipe, portrait):
     b = WindowInput(cache, torch.zeros(3, 5, cfg.audio_feature_dim), torch.zeros(3), None, 0)
     with pytest.raises(ValueError, match="same number of frames"):
         tiny_pipe.denoise_windows([a, b])
+
+
+def test_sd15_preset_shapes_on_the_meta_device():
+    """The SD1.5-sized preset, built without allocating memory: parameter counts and shapes through every part."""
+    from avatar.unet import EmoBackbone, ReferenceNet, backbone_kwargs, reference_net_kwargs
+    from avatar.vae import build_vae
+
+    cfg = get_preset("sd15")
+    with torch.device("meta"):
+        backbone, reference_net, vae = EmoBackbone(**backbone_kwargs(cfg)), ReferenceNet(**reference_net_kwargs(cfg)), build_vae(cfg)
+        assert 80e6 < count(vae) < 90e6  # SD's KL VAE is 83.7M
+        assert 700e6 < count(reference_net) < count(backbone)
+        images = torch.empty(1, 3, 512, 512)
+        latent = vae.encode(images).latent_dist.mode()
+        assert latent.shape == (1, 4, 64, 64)
+        features = reference_net(latent)
+        f, m = cfg.frames_per_window, cfg.motion_frames
+        cond = BackboneConditions(
+            reference_bank=features.bank,
+            motion=[t.expand(m, -1, -1, -1) for t in features.outputs],
+            audio=torch.empty(1, f, cfg.audio_tokens_per_frame, cfg.audio_feature_dim),
+            speed=torch.zeros(1, f),
+            face_mask=torch.empty(1, 1, 512, 512),
+        )
+        out = backbone(torch.empty(1, f, 4, 64, 64), torch.tensor(10), cond)
+        assert out.shape == (1, f, 4, 64, 64)
+        assert vae.decode(out[0]).sample.shape == (f, 3, 512, 512)
