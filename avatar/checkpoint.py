@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -144,8 +145,6 @@ def load_checkpoint(path: str | Path, expected_components: dict[str, dict[str, A
 
 def state_fingerprint(modules: list[torch.nn.Module], cfg: ModelConfig) -> str:
     """A digest of the config and the weights that produce reference features, to tag ReferenceCaches."""
-    import hashlib
-
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for module in modules:
         for key, tensor in sorted(module.state_dict().items()):

@@ -9,7 +9,6 @@ The pipeline is the model's whole public surface for the layers above it:
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ from .reference import ReferenceCache, stack_banks
 from .schedulers import build_scheduler, fresh_scheduler
 from .unet import BackboneConditions, EmoBackbone, ReferenceNet, backbone_kwargs, reference_net_kwargs
 from .vae import build_vae, vae_kwargs
-
-logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "default"
 DEFAULT_FACE_BOX = (0.25, 0.2, 0.75, 0.85)  # x0, y0, x1, y1 of a face-centred portrait crop, normalised

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import EmoteError
@@ -71,8 +71,6 @@ class ReferenceCache:
     def load(cls, path: str | Path, expected_model_id: str | None = None) -> "ReferenceCache":
         path = Path(path)
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
             tensors = load_file(str(path))

@@ -297,7 +297,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
             check_token(token)
         except ApiError as exc:
             return await _ws_fail(websocket, 4401, exc.code, exc.message)
-        await SignalingChannel(websocket, open_session, sessions, avatars).run()
+        await SignalingChannel(websocket, open_session, sessions).run()
 
     if settings.static_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client")
@@ -334,8 +334,8 @@ class SignalingChannel:
     Closing the WebSocket (e.g. the tab) ends the session at once, without waiting for ICE to time out.
     """
 
-    def __init__(self, websocket: WebSocket, open_session, sessions: SessionManager, avatars: AvatarStore):
-        self.ws, self.open_session, self.sessions, self.avatars = websocket, open_session, sessions, avatars
+    def __init__(self, websocket: WebSocket, open_session, sessions: SessionManager):
+        self.ws, self.open_session, self.sessions = websocket, open_session, sessions
         self.session = None
         self.avatar = "default"
         self.stats_task: asyncio.Task | None = None

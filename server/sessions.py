@@ -47,7 +47,7 @@ class PeerSession:
     tasks: list[asyncio.Task] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str | None = None
-    presenter_connected: bool = False
+    on_closed: Callable[["PeerSession"], None] | None = None
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -120,8 +120,8 @@ class SessionManager:
             stream = await self.engine.open_session(avatar_id, session_id=session_id, **options)
             video = AvatarVideoTrack()
             audio = AvatarAudioTrack() if mode == "presenter" else None
-            session = PeerSession(session_id, mode, avatar_id, pc, stream, video, audio)
-            self._wire(session, on_closed)
+            session = PeerSession(session_id, mode, avatar_id, pc, stream, video, audio, on_closed=on_closed)
+            self._wire(session)
             try:
                 await pc.setRemoteDescription(offer)
                 pc.addTrack(video)  # aiortc reuses the offer's video transceiver
@@ -146,7 +146,7 @@ class SessionManager:
         finally:
             self._pending -= 1
 
-    def _wire(self, session: PeerSession, on_closed) -> None:
+    def _wire(self, session: PeerSession) -> None:
         pc = session.pc
 
         @pc.on("track")
@@ -162,8 +162,6 @@ class SessionManager:
             if pc.connectionState in ("failed", "closed"):
                 await self.close(session.id, f"peer connection {pc.connectionState}")
 
-        if on_closed is not None:
-            session.closed_callback = on_closed  # type: ignore[attr-defined]
 
     async def _keyframes(self, session: PeerSession) -> None:
         """A keyframe every few seconds, so a lost one freezes the picture only briefly. aiortc's encoders keep a
@@ -217,9 +215,8 @@ class SessionManager:
                 with contextlib.suppress(BaseException):
                     await task
         session.tasks.clear()
-        callback = getattr(session, "closed_callback", None)
-        if callback is not None:
-            callback(session)
+        if session.on_closed is not None:
+            session.on_closed(session)
         logger.info(f"session {session.id} closed: {reason}", extra={"session": session.id, "reason": reason})
 
     async def _watch(self) -> None:
