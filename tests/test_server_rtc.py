@@ -63,6 +63,29 @@ async def wait_for_sessions(base_url: str, count: int, timeout: float = 15.0) ->
         await asyncio.sleep(0.2)
 
 
+async def presenter_peer(base_url: str) -> tuple[RTCPeerConnection, str, dict]:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: dict = {}
+    both = asyncio.Event()
+
+    def on_track(track):
+        tracks[track.kind] = track
+        if len(tracks) == 2:
+            both.set()
+
+    pc.on("track", on_track)
+    location, _ = await whip(base_url, pc, mode="presenter")
+    await asyncio.wait_for(both.wait(), 10)
+    return pc, location, tracks
+
+
+def loudness(frame) -> float:
+    samples = frame.to_ndarray().astype(np.float32)
+    return float(np.sqrt(np.mean(samples**2)) / 32768)
+
+
 async def test_mic_session_streams_25_fps_and_tears_down(server, tmp_path):
     wav = write_wav(tmp_path / "speech.wav", np.tile(speech_like(2.0), 7))
     player = MediaPlayer(str(wav))
@@ -103,20 +126,7 @@ async def test_vanished_peer_is_torn_down(server):
 
 
 async def test_presenter_audio_comes_back_aligned_with_video(server):
-    pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    tracks: dict[str, object] = {}
-    both = asyncio.Event()
-
-    def on_track(track):
-        tracks[track.kind] = track
-        if len(tracks) == 2:
-            both.set()
-
-    pc.on("track", on_track)
-    location, _ = await whip(server, pc, mode="presenter")
-    await asyncio.wait_for(both.wait(), 10)
+    pc, location, tracks = await presenter_peer(server)
     ws_url = server.replace("http", "ws") + f"{location}/audio?rate=16000&channels=1"
 
     rate = 16000
@@ -139,11 +149,7 @@ async def test_presenter_audio_comes_back_aligned_with_video(server):
     assert len(video_frames) > 100 and len(audio_frames) > 200
 
     # Where the tone is, in the received audio: 20 ms frames with energy at 440 Hz.
-    def level(frame) -> float:
-        samples = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels)).mean(axis=1)
-        return float(np.sqrt(np.mean(samples**2)) / 32768)
-
-    loud = [f for _, f in audio_frames if level(f) > 0.1]
+    loud = [f for _, f in audio_frames if loudness(f) > 0.1]
     assert 40 <= len(loud) <= 60, f"{len(loud)} loud 20 ms frames; expected about 50 (one second of tone)"
     spectrum = np.abs(np.fft.rfft(np.concatenate([f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0] for f in loud[5:15]])))
     peak_hz = np.argmax(spectrum) * 48000 / (len(spectrum) * 2 - 2)
@@ -188,29 +194,6 @@ async def test_server_full_answers_503_with_retry_after(server):
         for pc in peers:
             await pc.close()
     await wait_for_sessions(server, 0, timeout=40)
-
-
-async def presenter_peer(base_url: str) -> tuple[RTCPeerConnection, str, dict]:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    tracks: dict = {}
-    both = asyncio.Event()
-
-    def on_track(track):
-        tracks[track.kind] = track
-        if len(tracks) == 2:
-            both.set()
-
-    pc.on("track", on_track)
-    location, _ = await whip(base_url, pc, mode="presenter")
-    await asyncio.wait_for(both.wait(), 10)
-    return pc, location, tracks
-
-
-def loudness(frame) -> float:
-    samples = frame.to_ndarray().astype(np.float32)
-    return float(np.sqrt(np.mean(samples**2)) / 32768)
 
 
 async def test_interrupt_stops_audio_and_lips_together(server):
