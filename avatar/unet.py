@@ -299,16 +299,23 @@ class EmoBackbone(ModelMixin, ConfigMixin):
         return out.reshape(b, f, c, h, w)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by EMO training stage: spatial (stage 1), temporal + audio (stage 2), speed (stage 3)."""
-        groups: dict[str, list[nn.Parameter]] = {"spatial": [], "temporal_audio": [], "speed": []}
+        """Parameters by EMO training stage group (see `parameter_group`)."""
+        groups: dict[str, list[nn.Parameter]] = {"spatial": [], "temporal": [], "audio": [], "speed": []}
         for name, param in self.named_parameters():
-            if "speed" in name:
-                groups["speed"].append(param)
-            elif ".temporal." in name or "attn2" in name or "norm2" in name or name.startswith("audio_projection"):
-                groups["temporal_audio"].append(param)
-            else:
-                groups["spatial"].append(param)
+            groups[parameter_group(name)].append(param)
         return groups
+
+
+def parameter_group(name: str) -> str:
+    """The EMO training group of a backbone parameter: "spatial" (stage 1: ResNets, reference self-attention, face
+    locator), "temporal" and "audio" (stage 2), or "speed" (stage 3)."""
+    if "speed" in name:
+        return "speed"
+    if ".spatial.attn2." in name or ".spatial.norm2." in name or name.startswith("audio_projection."):
+        return "audio"
+    if ".temporal." in name:
+        return "temporal"
+    return "spatial"
 
 
 def reference_net_kwargs(cfg) -> dict:

@@ -101,7 +101,13 @@ def test_speed_and_audio_parameter_groups_cover_every_parameter(tiny_pipe):
     groups = tiny_pipe.backbone.parameter_groups()
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(tiny_pipe.backbone.parameters()))
-    assert groups["speed"] and groups["temporal_audio"] and groups["spatial"]
+    assert all(groups.values())
+    names = {id(p): n for n, p in tiny_pipe.backbone.named_parameters()}
+    audio = [names[id(p)] for p in groups["audio"]]
+    temporal = [names[id(p)] for p in groups["temporal"]]
+    assert all(".spatial.attn2." in n or ".spatial.norm2." in n or n.startswith("audio_projection.") for n in audio)
+    assert all(".temporal." in n for n in temporal)
+    assert not any(".resnet." in n for n in audio + temporal), "ResNet norms are spatial layers"
 
 
 def test_mel_encoder_is_causal_within_its_lookahead():

@@ -1,0 +1,1 @@
+"""Training: the EMO stages (`stages.py`), the accelerate loop (`loop.py`), LCM distillation (`distill.py`)."""

@@ -1,0 +1,116 @@
+"""`emote train` (the EMO stages) and `emote distill` (consistency distillation). Heavy imports live in the handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from avatar.errors import EmoteError
+
+STAGE_CHOICES = ("vae", "1", "2", "3")
+
+
+def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="corpus directory (emote corpus --out)")
+    parser.add_argument("--out", type=Path, required=True, help="output: model/, state/ and log.jsonl")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps in all (resume counts the done ones)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="windows per process per micro-batch")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/state")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--limit-windows", type=int, default=None, help="train on the first N windows only (smoke tests)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or console log lines")
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train one EMO stage (vae, 1 image, 2 video, 3 speed) on a corpus")
+    train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
+    source.add_argument("--preset", default=None, help="start from random weights of this preset (default: default)")
+    add_loop_options(train, steps=1000, lr=1e-4, batch_size=2)
+    train.add_argument("--ema-decay", type=float, default=0.999)
+    train.set_defaults(func=run_train)
+
+    distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
+    distill.add_argument("--teacher", type=Path, required=True, help="the teacher model (stage 3's --out)")
+    add_loop_options(distill, steps=1000, lr=1e-5, batch_size=2)
+    distill.add_argument("--num-inference-steps", type=int, default=2, help="the student's default steps (1-8)")
+    distill.add_argument("--skip", type=int, default=20, help="DDIM solver skip in training timesteps (LCM: 20)")
+    distill.add_argument("--guidance", type=float, default=2.0, help="teacher guidance folded into the student (>= 1)")
+    distill.set_defaults(func=run_distill)
+
+
+def loop_settings(args: argparse.Namespace, ema_decay: float = 0.999):
+    from .loop import LoopSettings
+
+    checks = [
+        ("--steps", args.steps, 1, 10**9),
+        ("--batch-size", args.batch_size, 1, 4096),
+        ("--grad-accum", args.grad_accum, 1, 4096),
+        ("--save-every", args.save_every, 1, 10**9),
+        ("--log-every", args.log_every, 1, 10**9),
+        ("--num-workers", args.num_workers, 0, 256),
+        ("--warmup-steps", args.warmup_steps, 0, 10**9),
+        ("--seed", args.seed, 0, 2**31 - 1),
+    ]
+    for flag, value, low, high in checks:
+        if not low <= value <= high:
+            raise EmoteError(f"{flag} must be between {low} and {high}, got {value}")
+    if not 0 < args.lr <= 1:
+        raise EmoteError(f"--lr must be in (0, 1], got {args.lr}")
+    if not 0 <= ema_decay < 1:
+        raise EmoteError(f"--ema-decay must be in [0, 1), got {ema_decay}")
+    if args.limit_windows is not None and args.limit_windows < 1:
+        raise EmoteError(f"--limit-windows must be at least 1, got {args.limit_windows}")
+    if not args.data.is_dir():
+        raise EmoteError(f"corpus directory {args.data} does not exist")
+    return LoopSettings(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
+        mixed_precision=args.mixed_precision, resume=args.resume, save_every=args.save_every,
+        log_every=args.log_every, seed=args.seed, num_workers=args.num_workers, ema_decay=ema_decay,
+        warmup_steps=args.warmup_steps, progress=not args.quiet,
+    )
+
+
+def _report(result) -> None:
+    print(json.dumps({"step": result.step, "model": str(result.model_dir), "steps_per_s": round(result.steps_per_s, 4),
+                      "last_loss": result.losses[-1] if result.losses else None}))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    settings = loop_settings(args, args.ema_decay)
+    if args.stage in ("2", "3") and args.init is None:
+        raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
+    if args.init is not None and not args.init.exists():
+        raise EmoteError(f"--init {args.init} does not exist")
+    from avatar.config import get_preset
+
+    preset = args.preset or "default"
+    get_preset(preset)  # an unknown preset is an EmoteError before anything loads
+    from .loop import train_stage
+
+    _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset, limit_windows=args.limit_windows))
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    settings = loop_settings(args)
+    if not args.teacher.exists():
+        raise EmoteError(f"--teacher {args.teacher} does not exist")
+    if not 1 <= args.num_inference_steps <= 8:
+        raise EmoteError(f"--num-inference-steps must be between 1 and 8, got {args.num_inference_steps}")
+    if not 1 <= args.guidance <= 20:
+        raise EmoteError(f"--guidance must be between 1 and 20, got {args.guidance}")
+    from .distill import distill
+
+    result = distill(args.teacher, args.data, settings, num_inference_steps=args.num_inference_steps,
+                     skip=args.skip, guidance=args.guidance, limit_windows=args.limit_windows)
+    _report(result)
+    return 0

@@ -1,0 +1,373 @@
+"""The training loop, shared by the EMO stages and consistency distillation; read it top to bottom.
+
+Built on HuggingFace `accelerate`: the same code runs on one CPU, one GPU, or many with `accelerate launch`.
+
+An output directory holds:
+    model/       the EMA weights as a normal model directory (`AvatarPipeline.from_pretrained`), rewritten atomically
+    state/       the exact training state (`accelerate` save_state: weights, optimizer, LR scheduler, RNG states, EMA,
+                 step), replaced atomically; `--resume` continues from it bit for bit
+    log.jsonl    one JSON line per logged step
+
+Reproducibility: the data order is a pure function of (seed, micro-batch index), and each micro-batch's noise comes
+from a generator seeded by (seed, step, micro-batch, rank), so the data position and the sampling randomness are
+both determined by the step counter alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from avatar.errors import EmoteError
+
+
+@dataclass
+class LoopSettings:
+    out: Path
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    resume: bool = False
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step): early EMA weights follow the model
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    progress: bool = True  # tqdm bar and console log lines
+
+
+# ---- exact-resume building blocks -------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a list of parameters. `shadow` may be given (live tensors of a target network,
+    as in consistency distillation); otherwise it is a private copy."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float, warmup: bool, shadow: list[torch.Tensor] | None = None):
+        self.params = params
+        self.decay = decay
+        self.warmup = warmup
+        self.shadow = shadow if shadow is not None else [p.detach().clone() for p in params]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = self.current_decay()
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().to(s.dtype), 1 - decay)
+        self.updates += 1
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the parameters (to export them)."""
+        saved = [p.detach().clone() for p in self.params]
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for s, p in zip(saved, self.params):
+                p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.detach().cpu().clone() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for s, saved in zip(self.shadow, state["shadow"]):
+                s.copy_(saved)
+        self.updates = int(state["updates"])
+
+
+class Counter:
+    """The optimizer-step counter, checkpointed with the rest of the state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class SeededOrder(Sampler):
+    """An endless index stream: epoch e visits the dataset in a permutation seeded by (seed, e). Each process takes
+    its own slice of every global micro-batch, so `start_microbatch` alone fixes the data position on resume."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start_microbatch: int, rank: int = 0, world: int = 1):
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start, self.rank, self.world = start_microbatch, rank, world
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, order = -1, None
+        micro = self.start
+        while True:
+            first = (micro * self.world + self.rank) * self.batch_size
+            for g in range(first, first + self.batch_size):
+                if g // self.length != epoch:
+                    epoch = g // self.length
+                    order = self._permutation(epoch)
+                yield int(order[g % self.length])
+            micro += 1
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `path`; on success it replaces `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopResult:
+    step: int
+    losses: list[float]  # per optimizer step, this run only
+    steps_per_s: float
+    model_dir: Path
+
+
+def run_loop(
+    objective: nn.Module,
+    dataset,
+    settings: LoopSettings,
+    export_model: Callable[[Path], None],
+    make_ema: Callable[[list[nn.Parameter], LoopSettings], EMA] | None = None,
+) -> LoopResult:
+    """Train `objective` (an nn.Module whose forward(batch, generator) returns the loss) on `dataset`.
+
+    `objective.set_trainable()` picks the parameters; `export_model(dir)` writes the model directory (called with the
+    EMA weights applied)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    s = settings
+    out = Path(s.out)
+    state_dir, model_dir, log_path = out / "state", out / "model", out / "log.jsonl"
+    if s.resume and not (state_dir / "loop.json").is_file():
+        raise EmoteError(f"--resume: no training state in {state_dir}")
+    if not s.resume and state_dir.exists():
+        raise EmoteError(f"{out} already holds a training state: pass --resume, or choose another --out")
+    if s.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise EmoteError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on a CPU")
+
+    accelerator = Accelerator(
+        mixed_precision=s.mixed_precision,
+        gradient_accumulation_steps=s.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    torch.manual_seed(s.seed)
+
+    # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
+    params = objective.set_trainable()
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=s.warmup_steps)
+    ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
+    counter = Counter()
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler, ema, counter)
+
+    if s.resume:
+        accelerator.load_state(str(state_dir))
+        if accelerator.is_main_process:
+            truncate_log(log_path, counter.step)
+    start_step = counter.step
+
+    # Data: this process's slice of each global micro-batch, starting where the checkpoint left off.
+    sampler = SeededOrder(
+        len(dataset), s.batch_size, s.seed, start_step * s.grad_accum, accelerator.process_index, accelerator.num_processes
+    )
+    loader = DataLoader(dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.num_workers, drop_last=True)
+    batches = iter(loader)
+
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        with atomic_dir(state_dir) as tmp:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                (tmp / "loop.json").write_text(json.dumps({"step": counter.step, **_jsonable(asdict(s))}, indent=2))
+        if accelerator.is_main_process:
+            with ema.applied():
+                export_model(model_dir)
+        accelerator.wait_for_everyone()
+
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=s.steps, initial=start_step, disable=not (main and s.progress), desc="train", dynamic_ncols=True)
+    log_file = open(log_path, "a") if main else None
+    losses: list[float] = []
+    started = time.perf_counter()
+    try:
+        while counter.step < s.steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(s.grad_accum):
+                batch = to_device(next(batches), accelerator.device)
+                with accelerator.accumulate(model):
+                    generator = step_generator(s.seed, counter.step, micro, accelerator.process_index)
+                    loss = model(batch, generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and s.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float() / s.grad_accum
+            lr_scheduler.step()
+            ema.update()
+            counter.step += 1
+
+            mean_loss = accelerator.gather(step_loss[None]).mean().item()
+            if not math.isfinite(mean_loss):
+                raise EmoteError(f"loss became {mean_loss} at step {counter.step}; lower --lr or use fp32")
+            losses.append(mean_loss)
+            bar.update(1)
+            if counter.step % s.log_every == 0 or counter.step == s.steps:
+                elapsed = time.perf_counter() - started
+                record = {
+                    "step": counter.step,
+                    "loss": round(sum(losses[-s.log_every :]) / len(losses[-s.log_every :]), 6),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": round((counter.step - start_step) / elapsed, 4),
+                    "elapsed_s": round(elapsed, 1),
+                }
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if main and s.progress:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    tqdm.write(json.dumps(record), file=sys.stderr)
+            if counter.step % s.save_every == 0 and counter.step < s.steps:
+                save()
+        save()
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    elapsed = time.perf_counter() - started
+    done = counter.step - start_step
+    return LoopResult(counter.step, losses, done / elapsed if elapsed > 0 else 0.0, model_dir)
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+# ---- entry points: data, model directories, one EMO stage ---------------------------------------------------------
+
+TEACHER_STEPS = 25  # the many-step teacher's default sampling steps, saved into each stage's model directory
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training output directory holding one under `model/`."""
+    path = Path(path)
+    if (path / "model" / "model_index.json").is_file():
+        return path / "model"
+    if (path / "model_index.json").is_file():
+        return path
+    raise EmoteError(f"{path} is neither a model directory nor a training output directory")
+
+
+def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: int, limit_windows: int | None = None):
+    """The corpus's training split as windows of `num_frames` frames (optionally only the first `limit_windows`)."""
+    from torch.utils.data import Subset
+
+    from avatar.data.dataset import ClipWindowDataset
+
+    data = Path(data)
+    if not data.is_dir():
+        raise EmoteError(f"corpus directory {data} does not exist")
+    try:
+        dataset = ClipWindowDataset(data, "train", num_frames=num_frames, audio_context=audio_context, seed=seed)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EmoteError(f"cannot read the corpus in {data}: {exc}") from None
+    if len(dataset) == 0:
+        raise EmoteError(f"the corpus in {data} has no training window of {num_frames} frames")
+    if limit_windows:
+        dataset = Subset(dataset, range(min(limit_windows, len(dataset))))
+    return dataset
+
+
+def as_teacher(pipe) -> None:
+    """Stage outputs are many-step teachers: DDIM sampling, TEACHER_STEPS steps by default."""
+    from avatar.schedulers import build_scheduler
+
+    pipe.config = pipe.config.replace(sampler="ddim", default_steps=TEACHER_STEPS)
+    pipe.scheduler = build_scheduler(pipe.config)
+
+
+def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
+                preset: str = "default", limit_windows: int | None = None) -> LoopResult:
+    """Run one EMO stage (`vae`, `1`, `2`, `3`), starting from `init` (a model directory) or a fresh `preset`."""
+    from avatar.pipeline import AvatarPipeline
+
+    from .stages import build_objective
+
+    if stage in ("2", "3") and init is None:
+        raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
+    if init is not None:
+        pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
+    else:
+        pipe = AvatarPipeline.from_config(preset, seed=settings.seed)
+    as_teacher(pipe)
+    objective = build_objective(stage, pipe)
+    dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows)
+    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained)

@@ -1,0 +1,279 @@
+"""The EMO training stages: which parameters each stage trains, and the loss it minimises on a batch of windows.
+
+- stage `vae`: the preset's own AutoencoderTiny, as an autoencoder on corpus frames (L1 + L2, plus a light pull of
+  the latents towards zero mean and unit variance, which is what the diffusion model assumes);
+- stage `1` (image): ReferenceNet + the backbone's spatial layers + face locator, on single frames;
+- stage `2` (video): temporal layers, audio cross-attention, the audio projection and the mel encoder, on windows of
+  F frames preceded by M motion frames; everything spatial is frozen;
+- stage `3` (speed): the speed layers only (EMO froze audio here: training it jointly weakened audio control).
+
+Every objective is an `nn.Module` whose `forward(batch, generator)` returns the loss, so that `accelerate` (DDP,
+autocast) wraps the whole computation. All randomness comes from `generator`, which makes a step reproducible.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avatar import vae as vae_ops
+from avatar.audio import MelAudioEncoder, window_features
+from avatar.config import ModelConfig
+from avatar.errors import EmoteError
+from avatar.unet import BackboneConditions, parameter_group
+
+STAGES = ("vae", "1", "2", "3")
+
+# Condition dropout, so that the teacher supports the pipeline's guidance (drop audio; drop reference and audio).
+DROP_AUDIO_P = 0.05
+DROP_REFERENCE_P = 0.05
+# Probability that a window is trained as a clip's first window: motion features from the reference frame.
+FIRST_WINDOW_P = 0.2
+# Extra frames of audio before the window, so the causal mel encoder sees history as it does at inference.
+AUDIO_HISTORY_FRAMES = 8
+
+
+def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> bool:
+    """Whether `stage` trains parameter `name` of pipeline component `component`."""
+    if stage == "vae":
+        return component == "vae"
+    if stage == "1":
+        return component == "reference_net" or (component == "backbone" and parameter_group(name) == "spatial")
+    if stage == "2":
+        if component == "audio_encoder":
+            return cfg.audio_encoder == "mel"
+        return component == "backbone" and parameter_group(name) in ("temporal", "audio")
+    if stage == "3":
+        return component == "backbone" and parameter_group(name) == "speed"
+    raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+
+
+def images_from_uint8(frames: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, R, R) in [-1, 1], resized if the corpus was written at another size."""
+    images = vae_ops.from_uint8(frames)
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+def face_masks(face_box: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, F, 4) normalised boxes -> (B, 1, R, R) masks of the union of each window's boxes (EMO's face locator)."""
+    x0 = face_box[..., 0].amin(1)
+    y0 = face_box[..., 1].amin(1)
+    x1 = face_box[..., 2].amax(1)
+    y1 = face_box[..., 3].amax(1)
+    grid = (torch.arange(resolution, device=face_box.device, dtype=torch.float32) + 0.5) / resolution
+    inside_x = (grid[None] >= x0[:, None]) & (grid[None] <= x1[:, None])
+    inside_y = (grid[None] >= y0[:, None]) & (grid[None] <= y1[:, None])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
+
+
+def encode_audio_differentiable(encoder: nn.Module, wave: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T // 640, D), the same features as `encoder.encode` but in one pass that autograd can follow."""
+    if not isinstance(encoder, MelAudioEncoder):
+        with torch.no_grad():
+            return encoder.encode(wave)
+    frames = wave.shape[-1] // 640
+    padded = F.pad(wave[:, : frames * 640], (encoder.mel.n_fft - encoder.mel.hop, encoder.lookahead_samples))
+    return encoder.frame_features(encoder.mel(padded), frames)
+
+
+def diffusion_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    raise EmoteError(f"training does not support prediction_type {prediction_type!r}")
+
+
+def expand_like(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcastable against `target`."""
+    return values.reshape(-1, *([1] * (target.dim() - 1))).to(target.dtype)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    # torch's CPU GroupNorm backward crashes (segfault) on a channels-last-strided input that needs no gradient
+    # while the norm's weight does, which is what stage 2 hits at the first trainable temporal layer.
+    return (args[0].contiguous(), *args[1:])
+
+
+class PipelineModules(nn.Module):
+    """The pipeline's networks under one module, the unit that `accelerate` prepares and checkpoints."""
+
+    def __init__(self, pipe, stage: str):
+        super().__init__()
+        self.cfg: ModelConfig = pipe.config
+        self.stage = stage
+        self.vae = pipe.vae
+        self.reference_net = pipe.reference_net
+        self.backbone = pipe.backbone
+        self.audio_encoder = pipe.audio_encoder
+        for module in (*self.backbone.modules(), *self.reference_net.modules()):
+            if isinstance(module, nn.GroupNorm):
+                module.register_forward_pre_hook(_contiguous_input)
+        self.register_buffer(
+            "alphas_cumprod", pipe.scheduler.alphas_cumprod.detach().clone().float(), persistent=False
+        )
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        picked = []
+        for component in ("vae", "reference_net", "backbone", "audio_encoder"):
+            for name, param in getattr(self, component).named_parameters():
+                if stage_trains(self.stage, component, name, self.cfg):
+                    picked.append((f"{component}.{name}", param))
+        return picked
+
+    def set_trainable(self) -> list[nn.Parameter]:
+        """requires_grad on exactly the stage's parameters; BatchNorm statistics update only where trained."""
+        self.requires_grad_(False)
+        self.eval()
+        named = self.trainable_named_parameters()
+        params = [p for _, p in named]
+        for p in params:
+            p.requires_grad_(True)
+        if any(name.startswith("audio_encoder.") for name, _ in named):
+            self.audio_encoder.train()
+        if not params:
+            raise EmoteError(f"stage {self.stage} has no parameters to train in preset {self.cfg.preset}")
+        return params
+
+    # ---- shared pieces of the diffusion objectives -------------------------------------------------------------
+
+    def encode_latents(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, W, 3) uint8 -> (B, N, C, h, w) latents of the frozen VAE."""
+        b, n = frames.shape[:2]
+        with torch.no_grad():
+            images = images_from_uint8(frames.flatten(0, 1), self.cfg.resolution).to(self.alphas_cumprod.device)
+            latents = vae_ops.encode(self.vae, images.to(next(self.vae.parameters()).dtype))
+        return latents.reshape(b, n, *latents.shape[1:])
+
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random timesteps and noise: returns (noisy, timesteps (B,), diffusion target)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_train_timesteps, (b,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        alpha_bar = expand_like(self.alphas_cumprod[t], x0)
+        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        return noisy, t, diffusion_target(self.cfg.prediction_type, x0, noise, alpha_bar)
+
+    def window_audio(self, wave: torch.Tensor, skip_frames: int, frames: int) -> torch.Tensor:
+        """Dataset audio (starting `skip_frames` frames before the first target frame) -> (B, F, tokens, D)."""
+        grad = any(p.requires_grad for p in self.audio_encoder.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            features = encode_audio_differentiable(self.audio_encoder, wave.float())
+        windows = window_features(features, self.cfg.audio_context_frames)
+        return windows[:, skip_frames : skip_frames + frames]
+
+    def drop_conditions(self, cond: BackboneConditions, generator: torch.Generator) -> BackboneConditions:
+        b = cond.audio.shape[0]
+        keep_audio = (torch.rand(b, generator=generator) >= DROP_AUDIO_P).to(cond.audio.device, cond.audio.dtype)
+        drop_reference = bool(torch.rand(1, generator=generator) < DROP_REFERENCE_P)
+        audio = cond.audio * keep_audio.reshape(b, 1, 1, 1)
+        if drop_reference:
+            audio = torch.zeros_like(audio)  # the pipeline's unconditional pass drops both
+        return BackboneConditions(
+            reference_bank=None if drop_reference else cond.reference_bank,
+            motion=cond.motion, audio=audio, speed=cond.speed, face_mask=cond.face_mask,
+        )
+
+    def video_conditions(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, BackboneConditions]:
+        """A window of M motion + F target frames -> (target latents (B, F, C, h, w), conditions).
+
+        ReferenceNet is frozen here; motion features come from the ground-truth previous frames, or (with
+        FIRST_WINDOW_P) from the reference frame repeated, as inference does for a clip's first window."""
+        cfg = self.cfg
+        m, f = cfg.motion_frames, cfg.frames_per_window
+        latents = self.encode_latents(batch["frames"])
+        b = latents.shape[0]
+        motion_latents, x0 = latents[:, :m], latents[:, m:]
+        with torch.no_grad():
+            reference = self.reference_net(self.encode_latents(batch["reference"][:, None])[:, 0])
+            motion = self.reference_net(motion_latents.flatten(0, 1)).outputs
+        first = (torch.rand(b, generator=generator) < FIRST_WINDOW_P).to(latents.device)
+        motion = [
+            torch.where(
+                first.reshape(b, 1, 1, 1, 1),
+                ref_out[:, None].expand(-1, m, -1, -1, -1),
+                mot.reshape(b, m, *mot.shape[1:]),
+            ).flatten(0, 1)
+            for ref_out, mot in zip(reference.outputs, motion)
+        ]
+        cond = BackboneConditions(
+            reference_bank=reference.bank,
+            motion=motion,
+            audio=self.window_audio(batch["audio"], AUDIO_HISTORY_FRAMES + cfg.audio_context_frames + m, f),
+            speed=batch["speed"][:, m:].float(),
+            face_mask=face_masks(batch["face_box"][:, m:], cfg.resolution).to(latents.device, latents.dtype),
+        )
+        return x0, cond
+
+
+class VaeObjective(PipelineModules):
+    """Stage `vae`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation)."""
+
+    window_frames = 1
+    audio_context = 0
+    latent_reg_weight = 0.01
+
+    def __init__(self, pipe, stage: str = "vae"):
+        super().__init__(pipe, stage)
+        if pipe.config.vae_type != "tiny":
+            raise EmoteError("stage vae trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        frames = torch.cat([batch["frames"].flatten(0, 1), batch["reference"]])
+        images = images_from_uint8(frames, self.cfg.resolution).to(self.alphas_cumprod.device)
+        latents = self.vae.encode(images).latents
+        recon = self.vae.decode(latents).sample
+        loss = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
+        lat = latents.float()
+        return loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
+
+
+class ImageObjective(PipelineModules):
+    """Stage 1: denoise single frames given the reference (ReferenceNet trained) and the face mask; no audio,
+    no motion frames (the temporal layers, zero-initialised and frozen, stay the identity)."""
+
+    window_frames = 1
+    audio_context = 0
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        x0 = self.encode_latents(batch["frames"])  # (B, 1, C, h, w)
+        b = x0.shape[0]
+        reference = self.reference_net(self.encode_latents(batch["reference"][:, None])[:, 0])
+        cond = BackboneConditions(
+            reference_bank=reference.bank,
+            motion=None,
+            audio=torch.zeros(b, 1, cfg.audio_tokens_per_frame, cfg.audio_feature_dim, device=x0.device, dtype=x0.dtype),
+            speed=batch["speed"].float().to(x0.device),
+            face_mask=face_masks(batch["face_box"], cfg.resolution).to(x0.device, x0.dtype),
+        )
+        cond = self.drop_conditions(cond, generator)
+        noisy, t, target = self.add_noise(x0, generator)
+        return F.mse_loss(self.backbone(noisy, t, cond).float(), target.float())
+
+
+class VideoObjective(PipelineModules):
+    """Stages 2 and 3: denoise F frames with motion frames, audio and speed."""
+
+    def __init__(self, pipe, stage: str):
+        super().__init__(pipe, stage)
+        self.window_frames = pipe.config.motion_frames + pipe.config.frames_per_window
+        self.audio_context = AUDIO_HISTORY_FRAMES + pipe.config.audio_context_frames
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        x0, cond = self.video_conditions(batch, generator)
+        cond = self.drop_conditions(cond, generator)
+        noisy, t, target = self.add_noise(x0, generator)
+        return F.mse_loss(self.backbone(noisy, t, cond).float(), target.float())
+
+
+def build_objective(stage: str, pipe) -> PipelineModules:
+    if stage == "vae":
+        return VaeObjective(pipe)
+    if stage == "1":
+        return ImageObjective(pipe, stage)
+    if stage in ("2", "3"):
+        return VideoObjective(pipe, stage)
+    raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
