@@ -7,8 +7,10 @@ wait for. `encode` is the offline path; the streaming engine builds its incremen
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -57,6 +59,20 @@ class CausalConvStack(nn.Module):
         for conv in self.convs:
             x = x + F.gelu(conv(F.pad(x, (2 * conv.dilation[0], 0))))
         return x
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run tiny per-block ops on one intra-op thread: waking a thread team costs more than the op (~10x on a busy
+    machine). For offline use only: switching the thread count while another thread runs the model stalls it."""
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -131,8 +147,9 @@ class MelAudioEncoder(ModelMixin, ConfigMixin):
             inp = torch.cat([past, h], dim=-1)
             history.append(inp[..., inp.shape[-1] - past.shape[-1] :])
             h = h + F.gelu(conv(inp))
-        index = state.hops + k - 1 - self.hops_per_frame + 1 - self.config.lookahead  # 4n + 3 + lookahead = last hop
-        hits = [k - 1] if index >= 0 and index % self.hops_per_frame == 0 else []
+        last = state.hops + k - 1  # frame n's feature sits at mel frame 4n + 3 + lookahead: is `last` one of those?
+        offset = last - (self.hops_per_frame - 1) - self.config.lookahead
+        hits = [k - 1] if offset >= 0 and offset % self.hops_per_frame == 0 else []
         features = self.out(h[:, :, hits].transpose(1, 2))
         samples = x[..., x.shape[-1] - state.samples.shape[-1] :]
         return features, MelStreamState(samples=samples, conv=tuple(history), hops=state.hops + k)
@@ -147,11 +164,12 @@ class MelAudioEncoder(ModelMixin, ConfigMixin):
         state = self.initial_state(wave.shape[0], wave.device)
         pieces = [torch.zeros(wave.shape[0], 0, self.feature_dim, device=wave.device)]
         start = 0
-        while start < wave.shape[-1]:
-            size = self.block_hops(state.hops) * self.mel.hop
-            features, state = self.encode_block(state, wave[:, start : start + size])
-            pieces.append(features)
-            start += size
+        with single_threaded():
+            while start < wave.shape[-1]:
+                size = self.block_hops(state.hops) * self.mel.hop
+                features, state = self.encode_block(state, wave[:, start : start + size])
+                pieces.append(features)
+                start += size
         return torch.cat(pieces, dim=1)[:, :frames]
 
 

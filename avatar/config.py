@@ -148,7 +148,7 @@ PRESETS: dict[str, ModelConfig] = {
     "default": ModelConfig(
         preset="default",
         resolution=128,
-        vae_block_out_channels=(16, 16, 16, 16),
+        vae_block_out_channels=(12, 12, 12, 12),
         block_out_channels=(64, 96, 128),
         attention_levels=(False, True, True),
         attention_heads=4,
@@ -159,8 +159,9 @@ PRESETS: dict[str, ModelConfig] = {
         mel_bins=40,
         mel_hidden_channels=96,
         mel_layers=4,
-        # 4-frame windows (160 ms of audio) keep the streaming audio-to-lip latency under 300 ms.
-        frames_per_window=4,
+        # 3-frame windows (120 ms of audio) keep the streaming audio-to-lip latency under 300 ms on a 2-core CPU
+        # (measured: docs/benchmarks.md); training uses the same window, so served and trained windows match.
+        frames_per_window=3,
         motion_frames=2,
     ),
     # Stable-Diffusion-1.5-sized backbone at 512x512 with an 8x KL VAE, for GPUs and checkpoints trained elsewhere.

@@ -19,7 +19,7 @@ from avatar.errors import EmoteError
 
 from .avatars import AvatarNotFound, AvatarStore, valid_avatar_id
 from .metrics import render_metrics
-from .sessions import ServerFull, SessionManager, SessionNotFound
+from .sessions import ServerFull, SessionManager, SessionNotFound, add_remote_candidate
 from .settings import Settings
 
 logger = logging.getLogger("emote.server")
@@ -327,8 +327,9 @@ async def _ws_fail(websocket: WebSocket, code: int, error: str, message: str) ->
 
 class SignalingChannel:
     """One browser tab. Messages (JSON):
-    client -> server: {"type": "offer", "sdp", "avatar"?, "mode"?}, {"type": "interrupt"},
-                      {"type": "avatar", "avatar"} (before the offer), {"type": "ping"}
+    client -> server: {"type": "offer", "sdp", "avatar"?, "mode"?}, {"type": "ice", "candidate": {...} | null}
+                      (trickled after the offer), {"type": "interrupt"}, {"type": "avatar", "avatar"} (before the
+                      offer), {"type": "ping"}
     server -> client: {"type": "answer", "sdp", "session"}, {"type": "stats", ...} every second,
                       {"type": "pong"}, {"type": "error", "error", "message"}, {"type": "closed", "reason"}
     Closing the WebSocket (e.g. the tab) ends the session at once, without waiting for ICE to time out.
@@ -377,6 +378,16 @@ class SignalingChannel:
                 self.avatar = message["avatar"]
         elif kind == "offer":
             await self.offer(message)
+        elif kind == "ice":
+            if self.session is None:
+                await self.error("bad_state", "send ICE candidates after the offer")
+            elif not isinstance(message.get("candidate"), (dict, type(None))):
+                await self.error("bad_message", "`candidate` must be an object (RTCIceCandidate.toJSON()) or null")
+            else:
+                try:
+                    await add_remote_candidate(self.session.pc, message["candidate"])
+                except EmoteError as exc:
+                    await self.error("bad_candidate", str(exc))
         elif kind == "interrupt":
             if self.session is None:
                 await self.error("bad_state", "no session to interrupt")

@@ -238,6 +238,30 @@ class SessionManager:
             await self.close(session_id, reason)
 
 
+async def add_remote_candidate(pc: RTCPeerConnection, candidate: dict | None) -> None:
+    """A trickled browser candidate (`RTCIceCandidate.toJSON()`), or None for end-of-candidates. aiortc gathers its
+    own candidates up front (they are all in the answer), but it can take the browser's late ones."""
+    from aiortc.sdp import candidate_from_sdp
+
+    if candidate is None or not candidate.get("candidate"):
+        await pc.addIceCandidate(None)
+        return
+    line = candidate["candidate"]
+    if not isinstance(line, str) or len(line) > 1024:
+        raise EmoteError("`candidate` must be an SDP candidate line")
+    try:
+        parsed = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
+    except (AssertionError, ValueError, IndexError) as exc:
+        raise EmoteError(f"malformed ICE candidate: {exc or line[:80]}") from None
+    mid, index = candidate.get("sdpMid"), candidate.get("sdpMLineIndex")
+    parsed.sdpMid = mid if isinstance(mid, str) else None
+    parsed.sdpMLineIndex = index if isinstance(index, int) else None
+    try:
+        await pc.addIceCandidate(parsed)
+    except ValueError as exc:
+        raise EmoteError(str(exc)) from None
+
+
 def parse_offer(sdp: str, mode: str) -> RTCSessionDescription:
     """Check the offer before aiortc sees it: it must receive our video (and, in presenter mode, our audio)."""
     from aiortc import sdp as aiortc_sdp

@@ -268,3 +268,45 @@ async def test_idle_timeout_and_graceful_shutdown(tmp_path):
     log = (tmp_path / "server.log").read_text()
     assert code == 0
     assert "idle timeout" in log and "server shutdown" in log
+
+
+async def test_h264_is_negotiated_when_the_peer_prefers_it(server):
+    from aiortc import RTCRtpSender
+
+    pc = RTCPeerConnection()
+    transceiver = pc.addTransceiver("video", direction="recvonly")
+    transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"])
+    pc.addTransceiver("audio", direction="recvonly")
+    video = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda track: track.kind == "video" and not video.done() and video.set_result(track))
+    location, response = await whip(server, pc, mode="presenter")
+    assert "H264/90000" in response.text and "VP8/90000" not in response.text
+    frames = await collect(await asyncio.wait_for(video, 10), 3.0)
+    assert len(frames) > 40 and frames[-1][1].width == 32
+    async with httpx.AsyncClient(base_url=server) as client:
+        await client.delete(location)
+    await pc.close()
+
+
+async def test_signaling_socket_negotiates_and_takes_trickled_candidates(server):
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    async with websockets.connect(server.replace("http", "ws") + "/ws") as ws:
+        await ws.send(json.dumps({"type": "ice", "candidate": None}))
+        assert json.loads(await ws.recv())["error"] == "bad_state", "candidates before the offer are refused"
+        await ws.send(json.dumps({"type": "offer", "sdp": pc.localDescription.sdp, "mode": "presenter"}))
+        answer = json.loads(await ws.recv())
+        assert answer["type"] == "answer" and len(answer["session"]) == 32
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        await ws.send(json.dumps({"type": "ice", "candidate": {"candidate": "candidate:nonsense", "sdpMid": "0"}}))
+        assert json.loads(await ws.recv())["error"] == "bad_candidate"
+        host = "candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host"
+        await ws.send(json.dumps({"type": "ice", "candidate": {"candidate": host, "sdpMid": "0", "sdpMLineIndex": 0}}))
+        await ws.send(json.dumps({"type": "ice", "candidate": None}))  # end of candidates
+        stats = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert stats["type"] == "stats" and stats["session"] == answer["session"], "no error for good candidates"
+        await wait_for_sessions(server, 1)
+    await wait_for_sessions(server, 0)  # closing the signaling socket ends the session at once
+    await pc.close()

@@ -1,0 +1,46 @@
+"""Server pieces that need no running server: settings, ICE servers, structured logs."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from avatar.errors import EmoteError
+from server.serve import JsonFormatter, RedactTokens
+from server.settings import IceServer, Settings
+
+
+def test_ice_server_urls_parse_with_and_without_credentials():
+    assert IceServer.parse("stun:stun.example.com:3478").to_browser() == {"urls": "stun:stun.example.com:3478"}
+    turn = IceServer.parse("turn:alice:pa55@turn.example.com:3478?transport=udp")
+    assert turn == IceServer("turn:turn.example.com:3478?transport=udp", "alice", "pa55")
+    assert turn.to_browser() == {"urls": "turn:turn.example.com:3478?transport=udp", "username": "alice", "credential": "pa55"}
+    for bad in ("http://x", "stun:", "turnx:host"):
+        with pytest.raises(EmoteError, match="--ice-server"):
+            IceServer.parse(bad)
+
+
+def test_settings_for_aiortc_and_loopback_rules():
+    settings = Settings(ice_servers=(IceServer.parse("turn:u:p@h:3478"),)).validate()
+    (server,) = settings.rtc_ice_servers
+    assert (server.urls, server.username, server.credential) == ("turn:h:3478", "u", "p")
+    assert Settings().rtc_ice_servers == []  # not aiortc's default public STUN host
+    assert Settings(host="::1").is_loopback and Settings(host="localhost").is_loopback
+    assert Settings(host="0.0.0.0", allow_no_auth=True).validate()
+    with pytest.raises(EmoteError, match="needs --token"):
+        Settings(host="192.168.1.5").validate()
+    with pytest.raises(EmoteError, match="go together"):
+        Settings(tls_cert=Path("/x")).validate()
+
+
+def test_json_logs_carry_extra_fields_and_hide_tokens():
+    record = logging.LogRecord("emote.sessions", logging.INFO, __file__, 1, "session %s opened", ("abc",), None)
+    record.session = "abc"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "session abc opened" and line["session"] == "abc" and line["level"] == "info"
+    access = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1,
+                               '%s - "WebSocket /ws?token=%s&x=1" [accepted]', ("127.0.0.1", "hunter2-hunter2-hunter2"), None)
+    assert RedactTokens().filter(access)
+    assert "hunter2" not in access.getMessage() and "token=***&x=1" in access.getMessage()
