@@ -69,7 +69,7 @@ class RedactTokens(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with any `extra=` fields the caller attached."""
 
-    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
