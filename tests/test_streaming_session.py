@@ -47,6 +47,14 @@ def engine_for(pipe, clock, **config) -> StreamingEngine:
     return StreamingEngine(pipe, StreamConfig(**config), clock=clock, threaded=False)
 
 
+async def started_engine(pipe, clock, **config) -> StreamingEngine:
+    """A started engine with avatar "a" registered."""
+    engine = engine_for(pipe, clock, **config)
+    await engine.start()
+    await engine.add_avatar("a", portrait())
+    return engine
+
+
 async def feed_realtime(clock, session, audio, start, chunk=320, rate=16000, channels=1):
     """Push `audio` ((n,) or (n, channels)) in chunks as if it arrived live from time `start`."""
     for i in range(0, len(audio), chunk):
@@ -68,9 +76,7 @@ async def test_timestamps_exact_and_frame_count_over_simulated_minutes():
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock)
         session = await engine.open_session("a")
         t0 = session.slot_time(0)
         talk = speech(3.0)
@@ -111,9 +117,7 @@ async def test_silence_gives_idle_frames_with_silence_features_and_idle_speed():
     pipe = SimulatedPipeline(tiny(), record=200)
 
     async def body():
-        engine = engine_for(pipe, clock, idle_speed=0.3)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock, idle_speed=0.3)
         session = await engine.open_session("a")
         frames = await collect(session, 50)  # 2 s with no audio at all
         assert [f.index for f in frames] == list(range(50))
@@ -139,9 +143,7 @@ async def test_session_features_equal_offline_features_of_its_stream():
     pipe = SimulatedPipeline(tiny(), record=200)
 
     async def body():
-        engine = engine_for(pipe, clock, context_lookahead_frames=2)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock, context_lookahead_frames=2)
         session = await engine.open_session("a")
         feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(1.5), session.slot_time(0) + 0.23, 333))
         frames = await collect(session, 60)
@@ -162,9 +164,7 @@ async def test_interrupt_drops_backlog_and_closes_the_mouth_within_one_window():
     pipe = SimulatedPipeline(tiny(), seconds_per_step=0.01, decode_seconds_per_frame=0.002)
 
     async def body():
-        engine = engine_for(pipe, clock)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock)
         session = await engine.open_session("a")
         session.push_audio(speech(6.0))  # TTS: six seconds queued at once
         frames, interrupt_at = [], None
@@ -196,9 +196,7 @@ async def test_memory_stays_bounded_over_many_windows_with_and_without_a_reader(
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock, max_buffered_audio_s=5.0)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock, max_buffered_audio_s=5.0)
         read = await engine.open_session("a")
         unread = await engine.open_session("a")  # nobody iterates this one
         unread.push_audio(speech(20.0))  # beyond the 5 s buffer cap
@@ -264,9 +262,7 @@ async def test_48k_stereo_s16_packets_of_odd_sizes_drive_the_lips():
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         mono = speech(2.0)
         from scipy.signal import resample_poly
@@ -304,9 +300,7 @@ async def test_end_of_speech_flags_the_last_frame_and_playout_completes():
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock)
         session = await engine.open_session("a")
         session.push_audio(speech(1.03))  # 25.75 frames
         session.end_of_speech()
@@ -328,9 +322,7 @@ async def test_behind_schedule_policy_keeps_pace_and_latency_bounded(seconds_per
     pipe = StubPipeline(tiny(), seconds_per_step=seconds_per_step)
 
     async def body():
-        engine = engine_for(pipe, clock, steps=2, min_steps=1)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock, steps=2, min_steps=1)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         t0 = session.slot_time(0)
         feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(8.0), t0, 320))
@@ -361,9 +353,7 @@ async def test_slow_reader_skips_ahead_instead_of_queueing():
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock, max_consumer_lag_frames=3)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock, max_consumer_lag_frames=3)
         session = await engine.open_session("a")
         first = await collect(session, 1)
         await clock.sleep_until(session.slot_time(0) + 2.0)  # the reader stalls for 2 s
@@ -406,9 +396,7 @@ async def test_live_input_catches_up_in_pauses_after_a_network_hiccup():
     pipe = StubPipeline(tiny())
 
     async def body():
-        engine = engine_for(pipe, clock)
-        await engine.start()
-        await engine.add_avatar("a", portrait())
+        engine = await started_engine(pipe, clock)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         talk = np.concatenate([speech(1.0), np.zeros(8000, np.float32)])  # 1 s of speech, 0.5 s pushed silence
         stream = np.tile(talk, 4)
