@@ -451,6 +451,8 @@ async function init() {
   setState("idle");
   try {
     config = await api("/api/config");
+    // TURN credentials are only handed out with a valid token: ask again once we know one is needed.
+    if (config.auth_required && token()) config = await api("/api/config").catch(() => config);
   } catch {
     setStatus("Cannot reach the server. Reload the page to try again.", "error");
     return;
@@ -472,6 +474,7 @@ ui.unmute.addEventListener("click", () => {
 ui.saveToken.addEventListener("click", async () => {
   localStorage.setItem(TOKEN_KEY, ui.token.value.trim());
   setStatus("Token saved.");
+  config = await api("/api/config").catch(() => config);
   await loadAvatars();
 });
 ui.token.addEventListener("keydown", (event) => { if (event.key === "Enter") ui.saveToken.click(); });

@@ -24,9 +24,34 @@ from .settings import Settings
 
 logger = logging.getLogger("emote.server")
 
-SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
 RETRY_AFTER_SECONDS = 10
 WS_MESSAGE_LIMIT = 256 * 1024
+BODY_LIMIT = 64 * 1024  # SDP offers and every other body but portrait uploads
+
+
+class BodyLimit:
+    """Refuse request bodies over a limit while they stream in (Content-Length can be absent: chunked uploads), as a
+    JSON 413 through the app's HTTPException handler. Uploads to /api/avatars get the upload limit."""
+
+    def __init__(self, app, upload_limit: int):
+        self.app, self.upload_limit = app, upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"] == "/api/avatars" else BODY_LIMIT
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise StarletteHTTPException(413, f"request bodies here are limited to {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 class ApiError(Exception):
@@ -51,6 +76,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
         finally:  # graceful shutdown: close every peer, then stop the model worker
             await sessions.close_all()
             await engine.stop()
+            avatars.close()
 
     app = FastAPI(
         title="emote-live",
@@ -59,6 +85,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
         lifespan=lifespan,
     )
     app.state.settings, app.state.sessions, app.state.avatars, app.state.engine = settings, sessions, avatars, engine
+    app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes + 64 * 1024)
 
     # ---- errors -------------------------------------------------------------------------------------------------
 
@@ -68,7 +95,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -102,6 +129,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
     @app.get("/healthz", tags=["ops"], summary="Liveness and readiness")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "sessions": len(sessions), "engine_sessions": len(engine.sessions),
+                "model_errors": engine.model_errors,
                 "max_sessions": settings.max_sessions,
                 "model": pipeline.config.preset, "trained": pipeline.trained}
 
@@ -109,9 +137,15 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
     async def metrics() -> Response:
         return Response(render_metrics(sessions, engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/api/config", tags=["ops"], summary="What the browser client needs: ICE servers, limits, auth")
-    async def client_config() -> dict[str, Any]:
-        return {"ice_servers": [s.to_browser() for s in settings.ice_servers],
+    @app.get("/api/config", tags=["ops"], summary="What the browser client needs: ICE servers (with the token, when "
+             "one is set: they carry TURN credentials), limits, auth")
+    async def client_config(request: Request) -> dict[str, Any]:
+        try:
+            authorize(request)
+            ice_servers = [s.to_browser() for s in settings.ice_servers]
+        except ApiError:
+            ice_servers = []
+        return {"ice_servers": ice_servers,
                 "auth_required": settings.token is not None, "resolution": pipeline.resolution,
                 "max_upload_bytes": settings.max_upload_bytes}
 
@@ -135,7 +169,11 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
             raise ApiError(415, "unsupported_media_type", "send the portrait as multipart/form-data, field `image`")
         try:
             form = await request.form(max_files=1, max_fields=4, max_part_size=settings.max_upload_bytes)
-        except Exception as exc:  # starlette raises its own parse errors (including oversize parts)
+        except StarletteHTTPException as exc:
+            if exc.status_code == 413:
+                raise ApiError(413, "too_large", f"uploads are limited to {settings.max_upload_bytes} bytes") from None
+            raise ApiError(400, "bad_upload", f"could not read the upload: {exc.detail}") from None
+        except Exception as exc:  # starlette raises its own multipart parse errors
             raise ApiError(400, "bad_upload", f"could not read the upload: {exc}") from None
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -159,7 +197,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
              response_class=Response)
     async def get_portrait(avatar_id: str) -> Response:
         avatar_or_404(avatar_id)  # portraits are public so <img> tags work without headers
-        return Response(avatars.portrait_png(avatar_id), media_type="image/png")
+        return Response(await avatars.portrait_png(avatar_id), media_type="image/png")
 
     @app.delete("/api/avatars/{avatar_id}", tags=["avatars"], status_code=204, summary="Delete an avatar",
                 response_class=Response)
@@ -170,6 +208,8 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
             await avatars.delete(avatar_id)
         except PermissionError as exc:
             raise ApiError(409, "builtin_avatar", str(exc)) from None
+        except AvatarNotFound:  # deleted by a concurrent request
+            raise ApiError(404, "unknown_avatar", f"no avatar {avatar_id!r}") from None
         engine.remove_avatar(avatar_id)  # sessions already using it keep their shared reference until they end
         return Response(status_code=204)
 
@@ -351,8 +391,10 @@ class SignalingChannel:
     async def run(self) -> None:
         try:
             while True:
-                text = await self.ws.receive_text()
-                message = _parse_control(text)
+                received = await self.ws.receive()
+                if received["type"] == "websocket.disconnect":
+                    return
+                message = _parse_control(received.get("text"))
                 if message is None or not isinstance(message.get("type"), str):
                     await self.error("bad_message", "messages must be JSON objects with a string `type`")
                     continue

@@ -46,6 +46,9 @@ class _Collector:
         yield from (fps, latency, frames, dropped)
 
         engine_metrics = self.engine.metrics().to_dict()
+        errors = CounterMetricFamily("emote_model_errors", "Model batches that raised (their windows were skipped)")
+        errors.add_metric([], engine_metrics.get("model_errors", 0))
+        yield errors
         stages = GaugeMetricFamily("emote_stage_ms", "Model stage timings per window batch", labels=["stage", "quantile"])
         for stage, snapshot in (engine_metrics.get("stages_ms") or {}).items():
             for q in ("p50", "p95"):

@@ -78,13 +78,20 @@ class AvatarAudioTrack(QueueTrack):
 
     def __init__(self):
         super().__init__(QUEUE_FRAMES * 2 + 4)
+        self._reset()
+
+    def _reset(self) -> None:
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OPUS_RATE)
         self._pending = np.zeros(0, np.int16)
-        self._next_pts: int | None = None
+        self._next_pts = 0
+        self._next_index: int | None = None  # the frame index that continues the stream without a gap
 
     def push(self, item: OutputItem) -> None:
-        if self._next_pts is None:  # both tracks start at the same session time (RTCP pairs them with NTP time)
-            self._next_pts = item.index * OPUS_RATE // VIDEO_FPS
+        if item.index != self._next_index:
+            # Start, interrupt or a skipped frame: (re)anchor on the video's clock, which both tracks share (RTCP
+            # pairs it with NTP time). In between, the counter runs on, so the resampler's delay leaves no gaps.
+            self._next_pts = item.index * OPUS_RATE // VIDEO_FPS - self._pending.size
+        self._next_index = item.index + 1
         chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(item.audio, np.float32)[None], format="flt", layout="mono")
         chunk.sample_rate = AUDIO_SAMPLE_RATE
         resampled = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(chunk)]
@@ -102,7 +109,7 @@ class AvatarAudioTrack(QueueTrack):
         """Barge-in: drop audio not yet sent, so it stops together with the lips."""
         while not self.queue.empty():
             self.queue.get_nowait()
-        self._pending = np.zeros(0, np.int16)
+        self._reset()
 
 
 async def pump_output(items: AsyncIterator[OutputItem], video: AvatarVideoTrack, audio: AvatarAudioTrack | None) -> None:

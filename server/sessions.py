@@ -107,12 +107,12 @@ class SessionManager:
             raise EmoteError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if len(self.sessions) + self._pending >= self.settings.max_sessions:
             raise ServerFull()
-        avatar = self.avatars.streaming_avatar(avatar_id)
         offer = parse_offer(offer_sdp, mode)
-        self._pending += 1
+        self._pending += 1  # before any await: concurrent offers must not overshoot the limit
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.settings.rtc_ice_servers))
         session: PeerSession | None = None
         try:
+            avatar = await self.avatars.streaming_avatar(avatar_id)
             session_id = uuid.uuid4().hex
             self.engine.register_avatar(avatar)
             # A live microphone must not build a backlog (latency); pushed TTS may arrive faster than real time.
@@ -276,6 +276,8 @@ def parse_offer(sdp: str, mode: str) -> RTCSessionDescription:
         parsed = aiortc_sdp.SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises a variety of errors on garbage
         raise EmoteError(f"the SDP offer is malformed: {exc}") from None
+    if any(m.port != 0 and not (m.dtls and m.dtls.fingerprints) for m in parsed.media):
+        raise EmoteError("the SDP offer has a media section without a DTLS fingerprint (a=fingerprint)")
     receives = {m.kind for m in parsed.media if m.direction in ("recvonly", "sendrecv")}
     if "video" not in receives:
         raise EmoteError("the offer must receive video: add a recvonly (or sendrecv) video transceiver")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -34,6 +35,8 @@ from .clock import Clock, MonotonicClock
 from .config import StreamConfig
 from .metrics import EngineMetrics, Percentiles
 from .session import Avatar, Session, Window
+
+logger = logging.getLogger("emote.engine")
 
 PER_SESSION_OPTIONS = {"speech_speed", "idle_speed", "max_buffered_audio_s", "max_audio_backlog_s",
                        "max_consumer_lag_frames"}
@@ -68,6 +71,7 @@ class StreamingEngine:
         self._cost_form = 0.0  # seconds per window: audio encoding and bookkeeping
         self.stages = {name: Percentiles() for name in ("form", "denoise", "decode", "batch", "queue_wait")}
         self.batch_sizes: Counter[int] = Counter()
+        self.model_errors = 0
         self.steps_used: Counter[int] = Counter()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -331,7 +335,15 @@ class StreamingEngine:
             start = self.clock.now()
             for w in batch:
                 self.stages["queue_wait"].add(start - w.formed_at)
-            images, latents, denoise_s, decode_s = await self._model([w.inputs for w in batch], steps)
+            try:
+                images, latents, denoise_s, decode_s = await self._model([w.inputs for w in batch], steps)
+            except Exception:  # one bad batch must not stop every session: its windows are skipped, held frames fill
+                logger.exception("model call failed; skipping %d window(s)", len(batch))
+                self.model_errors += 1
+                for w in batch:
+                    w.session.counters.skipped_windows += 1
+                    w.session.deliver(w, None, None)
+                continue
             self.stages["denoise"].add(denoise_s)
             self.stages["decode"].add(decode_s)
             self.stages["batch"].add(denoise_s + decode_s)
@@ -368,6 +380,7 @@ class StreamingEngine:
             batch_sizes=dict(self.batch_sizes),
             steps_used=dict(self.steps_used),
             lead_ms=1000 * self.lead_seconds() if self._cost_step is not None else None,
+            model_errors=self.model_errors,
             sessions={s.session_id: s.metrics().to_dict() for s in self._sessions.values()},
         )
 

@@ -71,6 +71,7 @@ class EngineMetrics:
     batch_sizes: dict  # batch size -> number of batches
     steps_used: dict  # steps -> number of windows
     lead_ms: float  # how far ahead of its first slot a window is formed
+    model_errors: int  # batches whose model call raised (skipped; see the log)
     sessions: dict = field(default_factory=dict)  # session id -> SessionMetrics.to_dict()
 
     def to_dict(self) -> dict:

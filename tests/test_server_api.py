@@ -124,6 +124,32 @@ def test_malformed_offers_are_400(client, body, code):
     assert_error(response, 400, code)
 
 
+def test_offer_without_dtls_fingerprint_is_400(client):
+    sdp = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+           "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n"
+           "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=rtpmap:96 VP8/90000\r\n")
+    body = assert_error(client.post("/api/sessions?mode=presenter", content=sdp.encode(),
+                                    headers={"Content-Type": "application/sdp"}), 400, "bad_offer")
+    assert "fingerprint" in body["message"]
+
+
+def test_bodies_are_limited_while_streaming_in(client):
+    def chunks(total: int, size: int = 64 * 1024):
+        for _ in range(total // size):
+            yield b"v" * size
+
+    # Chunked transfer (no Content-Length): the limit applies as the bytes arrive, with a JSON 413.
+    assert_error(client.post("/api/sessions", content=chunks(2 * 2**20), headers={"Content-Type": "application/sdp"}),
+                 413, "too_large")
+    def multipart(total: int):
+        yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        yield from chunks(total)
+        yield b"\r\n--x--\r\n"
+
+    assert_error(client.post("/api/avatars", content=multipart(12 * 2**20),
+                             headers={"Content-Type": "multipart/form-data; boundary=x"}), 413, "too_large")
+
+
 def test_session_request_validation(client):
     sdp = {"Content-Type": "application/sdp"}
     assert_error(client.post("/api/sessions", content=b"v=0", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
@@ -148,6 +174,8 @@ async def test_presenter_audio_socket_rejects_bad_input(server):
 
 async def test_signaling_socket_survives_garbage(server):
     async with websockets.connect(server.replace("http", "ws") + "/ws") as ws:
+        await ws.send(b"\x00\x01binary")
+        assert json.loads(await ws.recv())["error"] == "bad_message"
         for garbage in ("not json", "[1, 2]", json.dumps({"type": 5}), json.dumps({"type": "dance"}),
                         json.dumps({"type": "offer", "sdp": 42}), json.dumps({"type": "interrupt"})):
             await ws.send(garbage)
@@ -184,13 +212,18 @@ def test_metrics_are_prometheus_text(client):
 # ---- auth and settings ------------------------------------------------------------------------------------------
 
 async def test_token_is_required_when_set_and_never_logged(tmp_path, tiny_model):
-    with running_server(tmp_path, "--token", TOKEN, model=tiny_model) as (base_url, _):
+    turn = "turn:alice:turn-secret@turn.example.com:3478"
+    with running_server(tmp_path, "--token", TOKEN, "--ice-server", turn, model=tiny_model) as (base_url, _):
         with httpx.Client(base_url=base_url) as c:
             assert c.get("/healthz").status_code == 200  # health checks need no token
             assert_error(c.get("/api/avatars"), 401, "unauthorized")
             assert_error(c.get("/api/avatars", headers={"Authorization": "Bearer wrong-token-0000000"}), 401, "unauthorized")
             assert c.get("/api/avatars", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
             assert c.get("/api/config").json()["auth_required"] is True
+            assert c.get("/api/config").json()["ice_servers"] == [], "TURN credentials need the token"
+            authorized = c.get("/api/config", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            assert authorized["ice_servers"] == [{"urls": "turn:turn.example.com:3478", "username": "alice",
+                                                  "credential": "turn-secret"}]
         ws_base = base_url.replace("http", "ws")
         async with websockets.connect(f"{ws_base}/ws") as ws:
             assert json.loads(await ws.recv())["error"] == "unauthorized"

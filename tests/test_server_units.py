@@ -44,3 +44,27 @@ def test_json_logs_carry_extra_fields_and_hide_tokens():
                                '%s - "WebSocket /ws?token=%s&x=1" [accepted]', ("127.0.0.1", "hunter2-hunter2-hunter2"), None)
     assert RedactTokens().filter(access)
     assert "hunter2" not in access.getMessage() and "token=***&x=1" in access.getMessage()
+
+
+def test_presenter_audio_is_stamped_on_the_video_clock_across_interrupts_and_skips():
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from server.rtc import AUDIO_FRAME_SAMPLES, AvatarAudioTrack
+
+    @dataclass
+    class Item:
+        index: int
+        audio: np.ndarray
+
+    track = AvatarAudioTrack()
+    tone = np.full(640, 0.25, np.float32)
+    for index in range(3):
+        track.push(Item(index, tone))
+    stamps = [track.queue.get_nowait().pts for _ in range(track.queue.qsize())]
+    assert all(b - a == AUDIO_FRAME_SAMPLES for a, b in zip(stamps, stamps[1:]))
+    track.clear()  # barge-in drops queued and pending audio
+    track.push(Item(50, tone))  # and the session may have moved on (a slow reader skipped ahead)
+    first_after = track.queue.get_nowait().pts
+    assert first_after == 50 * 48_000 // 25, "audio restarts exactly where the video frame 50 is"

@@ -425,3 +425,27 @@ async def test_live_input_catches_up_in_pauses_after_a_network_hiccup():
         await engine.stop()
 
     await clock.run(body())
+
+
+async def test_a_failing_model_call_skips_its_window_and_the_engine_keeps_going():
+    clock = FakeClock()
+
+    class FailsOnce(StubPipeline):
+        failed = False
+
+        def denoise_windows(self, windows, steps=None, **kwargs):
+            if not FailsOnce.failed and windows[0].seed % 7 == 3:
+                FailsOnce.failed = True
+                raise RuntimeError("expected input tensors on one device")
+            return super().denoise_windows(windows, steps, **kwargs)
+
+    async def body():
+        engine = await started_engine(FailsOnce(tiny()), clock)
+        session = await engine.open_session("a")
+        frames = await collect(session, 60)
+        assert FailsOnce.failed and engine.model_errors == 1
+        assert all(not f.held for f in frames[-20:]), "fresh frames keep coming after the failure"
+        assert engine.metrics().model_errors == 1
+        await engine.stop()
+
+    await clock.run(body())
