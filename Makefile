@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := espeak-ng libespeak-ng1 sox ffmpeg libportaudio2 chromium chromium-driver coturn
 
-.PHONY: setup system-deps serve test demo
+.PHONY: setup system-deps serve test
 
 # Debian packages are checked every time (dpkg -s is cheap), installed only when missing.
 system-deps:
@@ -22,9 +22,6 @@ setup: system-deps .stamp-venv
 
 serve: setup
 	$(BIN)/emote serve
-
-demo: setup
-	$(BIN)/emote render assets/demo/portrait.png assets/demo/hello.wav -o out/demo.mp4
 
 test: setup
 	$(BIN)/python -m pytest -q

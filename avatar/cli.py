@@ -66,8 +66,6 @@ def load_pipeline(model: Path | None, device: str, dtype_name: str = "float32", 
     from .pipeline import AvatarPipeline, UntrainedModelWarning
 
     dtype = getattr(torch, dtype_name)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EmoteError("--device cuda was requested but no CUDA GPU is available")
     if preset is not None:
         return AvatarPipeline.from_config(preset, device=device, dtype=dtype, trained=False)
     with warnings.catch_warnings(record=True) as caught:

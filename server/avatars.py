@@ -96,7 +96,7 @@ class AvatarStore:
     def _load_directory(self, directory: Path) -> None:
         """Check a stored avatar at start-up, recomputing its cache if another model made it."""
         info = AvatarInfo(**json.loads((directory / "avatar.json").read_text()))
-        self._read_avatar(info.id)
+        self._remember(self._read_avatar(info.id))
         self._infos[info.id] = info
 
     def _read_avatar(self, avatar_id: str) -> Avatar:

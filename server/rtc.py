@@ -52,10 +52,7 @@ class QueueTrack(MediaStreamTrack):
         return item
 
     def finish(self) -> None:
-        try:
-            self.offer(None)
-        except asyncio.QueueFull:  # pragma: no cover - offer() always makes room
-            pass
+        self.offer(None)
 
 
 class AvatarVideoTrack(QueueTrack):

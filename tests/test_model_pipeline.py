@@ -91,10 +91,19 @@ def test_motion_frames_carry_the_previous_window(tiny_pipe, portrait):
         tiny_pipe.backbone.load_state_dict(AvatarPipeline.from_config("tiny", seed=0).backbone.state_dict())
 
 
-def test_guidance_runs_three_passes_and_changes_output(tiny_pipe, portrait):
-    plain = render(tiny_pipe, portrait, seconds=0.2, seed=1)
-    guided = render(tiny_pipe, portrait, seconds=0.2, seed=1, guidance_scale=3.0)
-    assert plain.shape == guided.shape
+def test_guidance_runs_three_backbone_passes_per_step(tiny_pipe, portrait):
+    calls = []
+    hook = tiny_pipe.backbone.register_forward_hook(lambda module, args, output: calls.append(args[2]))
+    try:
+        render(tiny_pipe, portrait, seconds=0.16, seed=1, steps=2)  # one 4-frame window
+        assert len(calls) == 2, "unguided (the student): one pass per step"
+        calls.clear()
+        render(tiny_pipe, portrait, seconds=0.16, seed=1, steps=2, guidance_scale=3.0)
+    finally:
+        hook.remove()
+    assert len(calls) == 6, "guided (the teacher): conditional, audio dropped, both dropped"
+    assert sum(c.reference_bank is None for c in calls) == 2
+    assert sum(bool((c.audio == 0).all()) for c in calls) == 4
 
 
 def test_teacher_sampler_ddim_many_steps(tiny_pipe, portrait):
