@@ -87,3 +87,48 @@ def test_eval_scores_a_model(eval_corpus, tmp_path, tiny_pipe):
     assert result["resolution"] == tiny_pipe.resolution and result["frames"] == 25
     assert {"lip_sync", "psnr", "ssim", "drift", "flicker"} <= set(result)
     json.dumps(result)
+
+
+def test_eval_table_compares_rows_and_writes_table_strip_and_json(eval_corpus, tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    model = tmp_path / "model"
+    result = emote("eval-table", "--data", str(eval_corpus), "--clips", "1", "--drift-seconds", "0",
+                   "--row", f"teacher={model}:3:2", "--row", f"student={model}:1",
+                   "--markdown", str(tmp_path / "table.md"), "--strip", str(tmp_path / "strip.png"),
+                   "--json", str(tmp_path / "rows.json"), "--vae-ceiling", timeout=300)
+    assert result.returncode == 0, result.stderr
+    ceiling, *rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["label"], r["steps"], r["guidance"]) for r in rows] == [("teacher", 3, 2.0), ("student", 1, 1.0)]
+    assert all(r["cpu_fps"] > 0 and r["drift"] is None for r in rows)
+    assert ceiling["label"].startswith("VAE only") and ceiling["psnr"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert table == result.stdout and table.count("\n") == 5 and "| teacher |" in table
+    from PIL import Image
+
+    from avatar.eval.compare import label_column_width
+
+    strip = np.asarray(Image.open(tmp_path / "strip.png"))
+    size = tiny_pipe.resolution
+    assert strip.shape[0] == 3 * size  # oracle, teacher, student
+    frames_width = strip.shape[1] - label_column_width(["oracle", "teacher (3)", "student (1)"])
+    assert frames_width % size == 0 and frames_width // size >= 4  # a label column, then whole frames
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--row", "nolabel"], "label=DIR:STEPS"),
+    (["--row", "a={tmp}:x"], "STEPS must be an integer"),
+    (["--row", "a={tmp}:0"], "at least 1"),
+    (["--row", "a={tmp}:2:nan"], "finite"),
+    (["--row", "a=:2"], "DIR is empty"),
+    (["--row", "a={tmp}/missing:2"], "no such model directory"),
+    (["--row", "a={tmp}:2", "--row", "a={tmp}:4"], "distinct"),
+    (["--row", "a={tmp}:2", "--drift-for", "b"], "names no row"),
+    (["--row", "a={tmp}:2", "--markdown", "{tmp}"], "is a directory"),
+    (["--row", "a={tmp}:2", "--data", "{tmp}"], "not a corpus"),
+])
+def test_eval_table_bad_arguments_exit_2(tmp_path, args, message):
+    result = emote("eval-table", *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

@@ -16,7 +16,7 @@ from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_l
 from avatar.train.stages import build_objective
 from server.cli import main as emote
 
-STAGE_LR = {"vae": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
+STAGE_LR = {"vae": 3e-3, "decoder": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
 
 
 @pytest.fixture(scope="session")
@@ -57,19 +57,19 @@ def overfit(objective, corpus: Path, out: Path, steps: int, lr: float, make_ema=
 
 @pytest.fixture(scope="module")
 def staged(corpus, tmp_path_factory):
-    """vae -> 1 -> 2 -> 3 in one process on one tiny pipeline: the loss of each stage and what it changed."""
+    """vae -> decoder -> 1 -> 2 -> 3 in one process on one tiny pipeline: the loss of each stage and what it changed."""
     out = tmp_path_factory.mktemp("stages")
     pipe = AvatarPipeline.from_config("tiny", seed=0)
     as_teacher(pipe)
     results = {}
-    for stage, steps in (("vae", 25), ("1", 30), ("2", 30), ("3", 30)):
+    for stage, steps in (("vae", 25), ("decoder", 20), ("1", 30), ("2", 30), ("3", 30)):
         objective = build_objective(stage, pipe)
         expected = {f"{n}" for n, _ in objective.trainable_named_parameters()}
         results[stage] = (*overfit(objective, corpus, out / stage, steps, STAGE_LR[stage]), expected)
     return pipe, results
 
 
-@pytest.mark.parametrize("stage,ratio", [("vae", 0.5), ("1", 0.6), ("2", 0.97), ("3", 0.999)])
+@pytest.mark.parametrize("stage,ratio", [("vae", 0.5), ("decoder", 0.95), ("1", 0.6), ("2", 0.97), ("3", 0.999)])
 def test_stage_loss_goes_down(staged, stage, ratio):
     before, after, _, _ = staged[1][stage]
     assert after < ratio * before, (stage, before, after)
@@ -82,16 +82,44 @@ def test_stage_2_learns_from_scratch(corpus, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize("stage", ["vae", "1", "2", "3"])
+@pytest.mark.parametrize("stage", ["vae", "decoder", "1", "2", "3"])
 def test_stage_changes_only_its_parameters(staged, stage):
     _, _, changed, expected = staged[1][stage]
     assert changed, stage
     assert changed <= expected, sorted(changed - expected)[:5]
+    if stage == "decoder":  # the latent space the backbone learned stays put
+        assert all(n.startswith("vae.decoder.") for n in changed)
     if stage == "3":
         assert all("speed" in n for n in changed)
     if stage == "2":
         assert any(n.startswith("audio_encoder.") for n in changed)
         assert not any(n.startswith("reference_net.") for n in changed)
+
+
+def test_lip_weights_follow_the_face_box():
+    from avatar.train.stages import LIP_LOSS_WEIGHT, lip_weights, weighted_mse
+
+    boxes = torch.tensor([[[0.25, 0.2, 0.75, 0.7], [0.0, 0.0, 0.5, 0.5]]])  # one window, two frames
+    weights = lip_weights(boxes, 16)
+    assert weights.shape == (1, 2, 1, 16, 16)
+    lips = weights[0, :, 0] > 1
+    assert set(weights.unique().tolist()) == {1.0, 1 + LIP_LOSS_WEIGHT}
+    rows, cols = torch.nonzero(lips[0], as_tuple=True)
+    assert 8 <= rows.min() and rows.max() <= 11 and 5 <= cols.min() and cols.max() <= 10  # lower middle of the face
+    rows, cols = torch.nonzero(lips[1], as_tuple=True)
+    assert rows.max() <= 7 and cols.max() <= 6  # moves with the face
+    prediction, target = torch.zeros(1, 2, 4, 16, 16), torch.ones(1, 2, 4, 16, 16)
+    assert weighted_mse(prediction, target, weights).item() == pytest.approx(1.0)  # normalised by the weights
+    target = torch.zeros_like(target)
+    target[0, 0, :, lips[0]] = 1  # error only on the first frame's lips: weighted up against the plain mean
+    assert weighted_mse(prediction, target, weights).item() > 2 * torch.mean(target).item()
+
+
+def test_training_keeps_a_small_corpus_decoded(corpus):
+    dataset = open_dataset(corpus, num_frames=3, audio_context=2, seed=0)
+    assert dataset._load.cache_info().maxsize is None  # decoded once: shuffled windows do not decode per item
+    first = dataset[0]["frames"]
+    assert torch.equal(dataset[0]["frames"], first) and dataset._load.cache_info().hits >= 1
 
 
 def _train(corpus: Path, init: Path, out: Path, steps: int, resume: bool):
@@ -156,6 +184,7 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
     [
         ["train", "--stage", "1", "--data", "/nonexistent/corpus", "--out", "{tmp}/o"],
         ["train", "--stage", "2", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "decoder", "--data", "{corpus}", "--out", "{tmp}/o"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--steps", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--lr", "-1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "nope"],

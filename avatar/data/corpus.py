@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,13 +257,19 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 # ---- writer -----------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a unique temporary file beside `path`, then rename it over `path`; nothing is left on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _tar_shard(members: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -320,7 +327,7 @@ def write_corpus(out: str | os.PathLike, identities: int, hours: float, seed: in
             return
         name = f"shards/shard-{len(entries) // CLIPS_PER_SHARD:05d}.tar"  # every earlier shard is full
         data, offsets = _tar_shard(shard_members)
-        _atomic_write(root / name, data)
+        atomic_write(root / name, data)
         total_bytes += len(data)
         for clip in shard_clips:
             clip["shard"] = name
@@ -372,7 +379,7 @@ def write_corpus(out: str | os.PathLike, identities: int, hours: float, seed: in
     flush_shard()
 
     identity_params = [identity_for(seed, i).to_dict() for i in range(identities)]
-    _atomic_write(root / "identities.json", json.dumps(identity_params, sort_keys=True, indent=1).encode())
+    atomic_write(root / "identities.json", json.dumps(identity_params, sort_keys=True, indent=1).encode())
     splits = {name: [e["id"] for e in entries if e["split"] == name] for name in SPLITS}
     index = {
         "format": "emote-corpus", "version": FORMAT_VERSION, "seed": seed, "size": size, "fps": FPS,
@@ -380,7 +387,7 @@ def write_corpus(out: str | os.PathLike, identities: int, hours: float, seed: in
         "heldout_sentence_rule": "sha256(lower(text))[0] % 8 == 0", "param_columns": list(PARAM_COLUMNS),
         "total_frames": total_frames, "total_bytes": total_bytes, "splits": splits, "clips": entries,
     }
-    _atomic_write(root / "index.json", json.dumps(index, sort_keys=True, indent=1).encode())
+    atomic_write(root / "index.json", json.dumps(index, sort_keys=True, indent=1).encode())
     return index
 
 

@@ -27,6 +27,9 @@ class ClipWindowDataset(Dataset):
         params      float32 [F, len(PARAM_COLUMNS)] every oracle column
         identity    int64 identity index;  clip_index  int64 position of the clip in the split
     Windows start every `stride` frames (default: num_frames). The reference frame is chosen by `seed`.
+    Decoded clips are kept in an LRU cache of `cache_clips` clips; `keep_all_decoded()` keeps every clip of the
+    split, which training uses when the decoded split fits in memory (shuffled windows would otherwise decode a clip
+    per item).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, num_frames: int = 12, audio_context: int = 2,
@@ -46,6 +49,14 @@ class ClipWindowDataset(Dataset):
             for start in range(0, length - num_frames + 1, stride):
                 self.windows.append((clip_index, start))
         self._load = lru_cache(maxsize=cache_clips)(self._load_clip)
+
+    def keep_all_decoded(self) -> None:
+        self._load = lru_cache(maxsize=None)(self._load_clip)
+
+    def decoded_bytes(self) -> int:
+        """Memory the split's frames take once decoded (uint8 RGB at the corpus size)."""
+        size = self.reader.size
+        return sum(self.reader.entry(c)["num_frames"] for c in self.clip_ids) * size * size * 3
 
     def _load_clip(self, clip_index: int) -> ClipData:
         return self.reader.load(self.clip_ids[clip_index])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def register(subparsers) -> None:
     parser.add_argument("--clip", default=None, help="the held-out clip id the --video renders")
     parser.set_defaults(func=run_eval)
 
+    table = subparsers.add_parser(
+        "eval-table", help="compare models (teacher vs student) on held-out clips: a Markdown table and a still strip",
+        description="Evaluate each --row on the same held-out clips (still-head mode) and write a Markdown table "
+                    "(lip sync, PSNR/SSIM, drift, flicker, CPU fps) and a PNG strip of frames under the oracle's.")
+    table.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:STEPS[:GUIDANCE]",
+                       help="a model directory, its sampling steps and guidance scale (default 1); repeat per row")
+    table.add_argument("--data", default=None, help="corpus directory whose test split is used (default: built-in)")
+    table.add_argument("--clips", type=int, default=None, help="score only the first N held-out clips")
+    table.add_argument("--drift-seconds", type=float, default=120.0, help="long render for drift (0 skips it)")
+    table.add_argument("--drift-for", action="append", default=None, metavar="LABEL",
+                       help="rows that get the drift render (default: every row)")
+    table.add_argument("--seed", type=int, default=0, help="model sampling seed")
+    table.add_argument("--vae-ceiling", action="store_true",
+                       help="add a row: the oracle's frames through the first row's VAE (the best any backbone can do)")
+    table.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    table.add_argument("--strip", type=Path, default=None, help="write the still strip (PNG) here")
+    table.add_argument("--json", type=Path, default=None, help="write every row's full result (JSON) here")
+    table.set_defaults(func=run_eval_table)
+
 
 def _check(args: argparse.Namespace) -> None:
     if args.video is None and args.clip is not None:
@@ -40,12 +60,17 @@ def _check(args: argparse.Namespace) -> None:
             raise EmoteError(f"--video {args.video}: no such file")
     if args.steps is not None and args.steps < 1:
         raise EmoteError(f"--steps must be at least 1, got {args.steps}")
+    _check_clip_options(args)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise EmoteError(f"--model {args.model}: no such directory")
+
+
+def _check_clip_options(args: argparse.Namespace) -> None:
+    """--clips, --drift-seconds and --data, shared by `eval` and `eval-table`."""
     if args.clips is not None and args.clips < 1:
         raise EmoteError(f"--clips must be at least 1, got {args.clips}")
     if args.drift_seconds and not 20 <= args.drift_seconds <= 3600:
         raise EmoteError(f"--drift-seconds must be 0 or between 20 and 3600, got {args.drift_seconds}")
-    if args.model is not None and not Path(args.model).is_dir():
-        raise EmoteError(f"--model {args.model}: no such directory")
     if args.data is not None and not (Path(args.data) / "index.json").is_file():
         raise EmoteError(f"--data {args.data}: not a corpus directory (no index.json); write one with emote corpus")
 
@@ -89,4 +114,58 @@ def run_eval(args: argparse.Namespace) -> int:
             raise
         raise EmoteError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
     print(json.dumps(result, sort_keys=True) if args.json else _summary(result))
+    return 0
+
+
+def run_eval_table(args: argparse.Namespace) -> int:
+    from avatar.eval.compare import Row
+
+    rows = [Row.parse(text) for text in args.row]
+    labels = [row.label for row in rows]
+    if len(set(labels)) != len(labels):
+        raise EmoteError("--row labels must be distinct")
+    for row in rows:
+        if not Path(row.model_dir).is_dir():
+            raise EmoteError(f"--row {row.label}: no such model directory {row.model_dir}")
+    drift_for = set(args.drift_for or labels)
+    if drift_for - set(labels):
+        raise EmoteError(f"--drift-for names no row: {', '.join(sorted(drift_for - set(labels)))}")
+    _check_clip_options(args)
+    for flag, path in (("--markdown", args.markdown), ("--strip", args.strip), ("--json", args.json)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise EmoteError(f"{flag} {path}: is a directory, not a file")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise EmoteError(f"{flag} {path}: the directory {path.parent} does not exist or is not writable")
+
+    import io
+
+    from PIL import Image
+
+    from avatar.data.corpus import atomic_write
+    from avatar.eval import evaluate
+    from avatar.eval.compare import compare, markdown_table
+
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        clips = evaluate.load_eval_clips(args.data, args.clips, log=log)
+        if not clips:
+            raise EmoteError("the corpus has no held-out (test) clips; write more hours or identities")
+        drift = {label: args.drift_seconds if label in drift_for else 0.0 for label in labels}
+        results, strip = compare(rows, clips, drift, args.seed, log, with_vae_ceiling=args.vae_ceiling)
+        table = markdown_table(results)
+        if args.markdown is not None:
+            atomic_write(args.markdown, table.encode())
+        if args.strip is not None:
+            buffer = io.BytesIO()
+            Image.fromarray(strip).save(buffer, format="PNG")
+            atomic_write(args.strip, buffer.getvalue())
+        if args.json is not None:
+            atomic_write(args.json, (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, EmoteError):
+            raise
+        raise EmoteError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+    print(table, end="")
     return 0

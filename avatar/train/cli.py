@@ -7,7 +7,7 @@ from pathlib import Path
 
 from avatar.errors import EmoteError
 
-STAGE_CHOICES = ("vae", "1", "2", "3")
+STAGE_CHOICES = ("vae", "decoder", "1", "2", "3")
 
 
 def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
@@ -29,7 +29,7 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train one EMO stage (vae, 1 image, 2 video, 3 speed) on a corpus")
+    train = subparsers.add_parser("train", help="train one EMO stage (vae, decoder, 1 image, 2 video, 3 speed) on a corpus")
     train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
@@ -86,7 +86,7 @@ def _report(result) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     settings = loop_settings(args, args.ema_decay)
-    if args.stage in ("2", "3") and args.init is None:
+    if args.stage in ("decoder", "2", "3") and args.init is None:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")

@@ -8,7 +8,8 @@ Per training window:
 3. the target is the EMA copy of the student (decay 0.95) evaluated at t - skip, the student is evaluated at t, both
    through the consistency boundary scalings c_skip(t) x_t + c_out(t) x0(t) (sigma_data 0.5, timestep scale 10, as
    diffusers' LCMScheduler uses at inference);
-4. the loss is the pseudo-Huber distance sqrt(d^2 + c^2) - c, c = 0.001.
+4. the loss is the pseudo-Huber distance sqrt(d^2 + c^2) - c, c = 0.001, weighted up on the lips as the video
+   stages' loss is (`stages.lip_weights`).
 
 Guidance is folded in at one fixed w (`--guidance`) rather than through a w-embedding: a w-embedding would need a new
 input in EmoBackbone. The student therefore samples with guidance 1 (one backbone pass per step) and behaves like
@@ -26,7 +27,7 @@ from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions
 
 from .loop import EMA, LoopResult, LoopSettings, open_dataset, resolve_model_dir, run_loop
-from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like
+from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, lip_weights
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -103,7 +104,10 @@ class ConsistencyDistillation(PipelineModules):
         x_prev = self.teacher_ddim_step(noisy, t, t_prev, cond)
         with torch.no_grad():
             target = self.consistency(self.target, x_prev, t_prev, cond)
-        return (((prediction - target) ** 2 + HUBER_C**2).sqrt() - HUBER_C).mean()
+        huber = ((prediction - target) ** 2 + HUBER_C**2).sqrt() - HUBER_C
+        weights = lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
+        weights = weights.expand_as(huber)
+        return (weights * huber).sum() / weights.sum()
 
 
 def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_inference_steps: int = 2,
@@ -121,7 +125,8 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance)
     pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps)
     pipe.scheduler = build_scheduler(pipe.config)
-    dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows)
+    dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
+                           loader_processes=settings.num_workers)
     target_params = list(objective.target.parameters())
 
     def target_ema(params: list[nn.Parameter], s: LoopSettings) -> EMA:

@@ -314,6 +314,9 @@ def _jsonable(values: dict) -> dict:
 # ---- entry points: data, model directories, one EMO stage ---------------------------------------------------------
 
 TEACHER_STEPS = 25  # the many-step teacher's default sampling steps, saved into each stage's model directory
+# A training split whose decoded frames fit in this many bytes, shared by the data-loading processes, is decoded
+# once and kept in memory by each of them.
+DECODED_CORPUS_BUDGET = 6 * 2**30
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -326,8 +329,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise EmoteError(f"{path} is neither a model directory nor a training output directory")
 
 
-def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: int, limit_windows: int | None = None):
-    """The corpus's training split as windows of `num_frames` frames (optionally only the first `limit_windows`)."""
+def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: int, limit_windows: int | None = None,
+                 loader_processes: int = 1):
+    """The corpus's training split as windows of `num_frames` frames (optionally only the first `limit_windows`).
+    `loader_processes` (data-loading workers, at least 1) share the memory budget for keeping clips decoded."""
     from torch.utils.data import Subset
 
     from avatar.data.dataset import ClipWindowDataset
@@ -337,6 +342,8 @@ def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: in
         raise EmoteError(f"corpus directory {data} does not exist")
     try:
         dataset = ClipWindowDataset(data, "train", num_frames=num_frames, audio_context=audio_context, seed=seed)
+        if dataset.decoded_bytes() * max(loader_processes, 1) <= DECODED_CORPUS_BUDGET:
+            dataset.keep_all_decoded()
     except (OSError, ValueError, KeyError) as exc:
         raise EmoteError(f"cannot read the corpus in {data}: {exc}") from None
     if len(dataset) == 0:
@@ -356,12 +363,12 @@ def as_teacher(pipe) -> None:
 
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None) -> LoopResult:
-    """Run one EMO stage (`vae`, `1`, `2`, `3`), starting from `init` (a model directory) or a fresh `preset`."""
+    """Run one EMO stage (`vae`, `decoder`, `1`, `2`, `3`), starting from `init` (a model directory) or a fresh `preset`."""
     from avatar.pipeline import AvatarPipeline
 
     from .stages import build_objective
 
-    if stage in ("2", "3") and init is None:
+    if stage in ("decoder", "2", "3") and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if init is not None:
         pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
@@ -369,5 +376,6 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         pipe = AvatarPipeline.from_config(preset, seed=settings.seed)
     as_teacher(pipe)
     objective = build_objective(stage, pipe)
-    dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows)
+    dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
+                           loader_processes=settings.num_workers)
     return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained)

@@ -1,7 +1,10 @@
 """The EMO training stages: which parameters each stage trains, and the loss it minimises on a batch of windows.
 
-- stage `vae`: the preset's own AutoencoderTiny, as an autoencoder on corpus frames (L1 + L2, plus a light pull of
-  the latents towards zero mean and unit variance, which is what the diffusion model assumes);
+- stage `vae`: the preset's own AutoencoderTiny, as an autoencoder on corpus frames (L1 + L2, weighted up on the
+  lips, plus a light pull of the latents towards zero mean and unit variance, which is what the diffusion model
+  assumes);
+- stage `decoder`: the same loss, the decoder alone: the latent space stays as it is, so a sharper decoder can be
+  trained at any time and dropped into a model whose backbone was trained on that latent space;
 - stage `1` (image): ReferenceNet + the backbone's spatial layers + face locator, on single frames;
 - stage `2` (video): temporal layers, audio cross-attention, the audio projection and the mel encoder, on windows of
   F frames preceded by M motion frames; everything spatial is frozen;
@@ -22,7 +25,7 @@ from avatar.config import ModelConfig
 from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions, parameter_group
 
-STAGES = ("vae", "1", "2", "3")
+STAGES = ("vae", "decoder", "1", "2", "3")
 
 # Condition dropout, so that the teacher supports the pipeline's guidance (drop audio; drop reference and audio).
 DROP_AUDIO_P = 0.05
@@ -31,12 +34,20 @@ DROP_REFERENCE_P = 0.05
 FIRST_WINDOW_P = 0.2
 # Extra frames of audio before the window, so the causal mel encoder sees history as it does at inference.
 AUDIO_HISTORY_FRAMES = 8
+# Every objective but stage 1 weights its loss by 1 + LIP_LOSS_WEIGHT inside the lip region (cf. Hallo's lip loss):
+# the mouth covers ~4% of a latent frame, and without the weight its error is drowned by the static rest.
+LIP_LOSS_WEIGHT = 4.0
+# Where the mouth lies inside the face box (x0, y0, x1, y1), as fractions of its width and height; it covers the
+# corpus's mouths at any opening (measured on rendered identities: y 0.67-0.94, x 0.29-0.71).
+LIP_REGION_IN_FACE = (0.25, 0.62, 0.75, 0.97)
 
 
 def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> bool:
     """Whether `stage` trains parameter `name` of pipeline component `component`."""
     if stage == "vae":
         return component == "vae"
+    if stage == "decoder":
+        return component == "vae" and name.startswith("decoder.")
     if stage == "1":
         return component == "reference_net" or (component == "backbone" and parameter_group(name) == "spatial")
     if stage == "2":
@@ -66,6 +77,24 @@ def face_masks(face_box: torch.Tensor, resolution: int) -> torch.Tensor:
     inside_x = (grid[None] >= x0[:, None]) & (grid[None] <= x1[:, None])
     inside_y = (grid[None] >= y0[:, None]) & (grid[None] <= y1[:, None])
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
+
+
+def lip_weights(face_box: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, F, 4) normalised face boxes -> (B, F, 1, size, size) loss weights: 1 + LIP_LOSS_WEIGHT on the lips."""
+    x0, y0, x1, y1 = face_box.float().unbind(-1)
+    w, h = x1 - x0, y1 - y0
+    fx0, fy0, fx1, fy1 = LIP_REGION_IN_FACE
+    grid = (torch.arange(size, device=face_box.device, dtype=torch.float32) + 0.5) / size
+    inside_x = (grid >= (x0 + fx0 * w)[..., None]) & (grid <= (x0 + fx1 * w)[..., None])
+    inside_y = (grid >= (y0 + fy0 * h)[..., None]) & (grid <= (y0 + fy1 * h)[..., None])
+    lips = (inside_y[..., :, None] & inside_x[..., None, :]).float()
+    return (1 + LIP_LOSS_WEIGHT * lips)[:, :, None]
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of weights * (prediction - target)^2, normalised by the mean weight so the loss scale stays MSE-like."""
+    weights = weights.expand_as(target)
+    return (weights * (prediction.float() - target.float()).square()).sum() / weights.sum()
 
 
 def encode_audio_differentiable(encoder: nn.Module, wave: torch.Tensor) -> torch.Tensor:
@@ -209,7 +238,8 @@ class PipelineModules(nn.Module):
 
 
 class VaeObjective(PipelineModules):
-    """Stage `vae`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation)."""
+    """Stages `vae` and `decoder`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation),
+    L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there)."""
 
     window_frames = 1
     audio_context = 0
@@ -217,15 +247,23 @@ class VaeObjective(PipelineModules):
 
     def __init__(self, pipe, stage: str = "vae"):
         super().__init__(pipe, stage)
+        if stage == "decoder":
+            self.latent_reg_weight = 0.0  # the encoder is frozen: the term has no gradient
         if pipe.config.vae_type != "tiny":
-            raise EmoteError("stage vae trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
+            raise EmoteError(f"stage {stage} trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         frames = torch.cat([batch["frames"].flatten(0, 1), batch["reference"]])
         images = images_from_uint8(frames, self.cfg.resolution).to(self.alphas_cumprod.device)
         latents = self.vae.encode(images).latents
-        recon = self.vae.decode(latents).sample
-        loss = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
+        recon = self.vae.decode(latents).sample.float()
+        res = images.shape[-1]
+        weights = torch.cat([
+            lip_weights(batch["face_box"], res).flatten(0, 1).to(images.device),
+            torch.ones(len(batch["reference"]), 1, res, res, device=images.device),  # its face box is not known
+        ]).expand_as(images)
+        error = recon - images
+        loss = (weights * (error.abs() + error.square())).sum() / weights.sum()
         lat = latents.float()
         return loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
 
@@ -266,12 +304,13 @@ class VideoObjective(PipelineModules):
         x0, cond = self.video_conditions(batch, generator)
         cond = self.drop_conditions(cond, generator)
         noisy, t, target = self.add_noise(x0, generator)
-        return F.mse_loss(self.backbone(noisy, t, cond).float(), target.float())
+        weights = lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
+        return weighted_mse(self.backbone(noisy, t, cond), target, weights)
 
 
 def build_objective(stage: str, pipe) -> PipelineModules:
-    if stage == "vae":
-        return VaeObjective(pipe)
+    if stage in ("vae", "decoder"):
+        return VaeObjective(pipe, stage)
     if stage == "1":
         return ImageObjective(pipe, stage)
     if stage in ("2", "3"):
