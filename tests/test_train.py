@@ -97,7 +97,7 @@ def test_stage_changes_only_its_parameters(staged, stage):
 
 
 def test_lip_weights_follow_the_face_box():
-    from avatar.train.stages import LIP_LOSS_WEIGHT, lip_weights, weighted_mse
+    from avatar.train.stages import LIP_LOSS_WEIGHT, lip_weights, weighted_mean
 
     boxes = torch.tensor([[[0.25, 0.2, 0.75, 0.7], [0.0, 0.0, 0.5, 0.5]]])  # one window, two frames
     weights = lip_weights(boxes, 16)
@@ -109,10 +109,10 @@ def test_lip_weights_follow_the_face_box():
     rows, cols = torch.nonzero(lips[1], as_tuple=True)
     assert rows.max() <= 7 and cols.max() <= 6  # moves with the face
     prediction, target = torch.zeros(1, 2, 4, 16, 16), torch.ones(1, 2, 4, 16, 16)
-    assert weighted_mse(prediction, target, weights).item() == pytest.approx(1.0)  # normalised by the weights
+    assert weighted_mean((prediction - target).square(), weights).item() == pytest.approx(1.0)  # normalised by the weights
     target = torch.zeros_like(target)
     target[0, 0, :, lips[0]] = 1  # error only on the first frame's lips: weighted up against the plain mean
-    assert weighted_mse(prediction, target, weights).item() > 2 * torch.mean(target).item()
+    assert weighted_mean((prediction - target).square(), weights).item() > 2 * torch.mean(target).item()
 
 
 def test_training_keeps_a_small_corpus_decoded(corpus):

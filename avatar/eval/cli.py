@@ -75,6 +75,13 @@ def _check_clip_options(args: argparse.Namespace) -> None:
         raise EmoteError(f"--data {args.data}: not a corpus directory (no index.json); write one with emote corpus")
 
 
+def _user_error(exc: Exception) -> EmoteError:
+    """An error from reading data or writing results, as the one-line EmoteError the CLI reports (exit 2)."""
+    if isinstance(exc, EmoteError):
+        return exc
+    return EmoteError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+
+
 def _summary(result: dict) -> str:
     sync = result["lip_sync"]
     drift = "n/a" if result.get("drift") is None else f"{result['drift']:.2f}"
@@ -110,9 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise EmoteError("the corpus has no held-out (test) clips; write more hours or identities")
             result = evaluate.evaluate_model(args.model, args.steps, clips, args.drift_seconds, args.seed, log)
     except (FileNotFoundError, ValueError) as exc:
-        if isinstance(exc, EmoteError):
-            raise
-        raise EmoteError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+        raise _user_error(exc) from None
     print(json.dumps(result, sort_keys=True) if args.json else _summary(result))
     return 0
 
@@ -164,8 +169,6 @@ def run_eval_table(args: argparse.Namespace) -> int:
         if args.json is not None:
             atomic_write(args.json, (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())
     except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, EmoteError):
-            raise
-        raise EmoteError(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+        raise _user_error(exc) from None
     print(table, end="")
     return 0

@@ -27,7 +27,7 @@ from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions
 
 from .loop import EMA, LoopResult, LoopSettings, open_dataset, resolve_model_dir, run_loop
-from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, lip_weights
+from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, weighted_mean
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -105,9 +105,7 @@ class ConsistencyDistillation(PipelineModules):
         with torch.no_grad():
             target = self.consistency(self.target, x_prev, t_prev, cond)
         huber = ((prediction - target) ** 2 + HUBER_C**2).sqrt() - HUBER_C
-        weights = lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
-        weights = weights.expand_as(huber)
-        return (weights * huber).sum() / weights.sum()
+        return weighted_mean(huber, self.window_lip_weights(batch, x0))
 
 
 def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_inference_steps: int = 2,

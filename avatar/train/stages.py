@@ -91,10 +91,11 @@ def lip_weights(face_box: torch.Tensor, size: int) -> torch.Tensor:
     return (1 + LIP_LOSS_WEIGHT * lips)[:, :, None]
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean of weights * (prediction - target)^2, normalised by the mean weight so the loss scale stays MSE-like."""
-    weights = weights.expand_as(target)
-    return (weights * (prediction.float() - target.float()).square()).sum() / weights.sum()
+def weighted_mean(errors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of per-element `errors` under `weights` (broadcast to them), normalised by the total weight so the loss
+    keeps the scale of a plain mean."""
+    weights = weights.expand_as(errors)
+    return (weights * errors).sum() / weights.sum()
 
 
 def encode_audio_differentiable(encoder: nn.Module, wave: torch.Tensor) -> torch.Tensor:
@@ -205,6 +206,10 @@ class PipelineModules(nn.Module):
             motion=cond.motion, audio=audio, speed=cond.speed, face_mask=cond.face_mask,
         )
 
+    def window_lip_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
+        """Loss weights for the target latents x0 (B, F, C, h, w) of a window: the frames after the motion frames."""
+        return lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
+
     def video_conditions(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, BackboneConditions]:
         """A window of M motion + F target frames -> (target latents (B, F, C, h, w), conditions).
 
@@ -261,9 +266,9 @@ class VaeObjective(PipelineModules):
         weights = torch.cat([
             lip_weights(batch["face_box"], res).flatten(0, 1).to(images.device),
             torch.ones(len(batch["reference"]), 1, res, res, device=images.device),  # its face box is not known
-        ]).expand_as(images)
+        ])
         error = recon - images
-        loss = (weights * (error.abs() + error.square())).sum() / weights.sum()
+        loss = weighted_mean(error.abs() + error.square(), weights)
         lat = latents.float()
         return loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
 
@@ -304,8 +309,8 @@ class VideoObjective(PipelineModules):
         x0, cond = self.video_conditions(batch, generator)
         cond = self.drop_conditions(cond, generator)
         noisy, t, target = self.add_noise(x0, generator)
-        weights = lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
-        return weighted_mse(self.backbone(noisy, t, cond), target, weights)
+        error = self.backbone(noisy, t, cond).float() - target.float()
+        return weighted_mean(error.square(), self.window_lip_weights(batch, x0))
 
 
 def build_objective(stage: str, pipe) -> PipelineModules:
