@@ -67,6 +67,9 @@ class ModelConfig:
     prediction_type: str = "epsilon"
     sampler: str = "lcm"  # "lcm" for the distilled student, "ddim" for the teacher
     default_steps: int = 2
+    # The fewest steps whose output is still usable (a short distillation can leave 1 step as noise); the streaming
+    # engine's behind-schedule policy holds frames rather than go below it.
+    min_steps: int = 1
 
     @property
     def vae_scale_factor(self) -> int:
@@ -103,6 +106,8 @@ class ModelConfig:
             problems.append(f"unknown sampler {self.sampler!r}")
         if self.frames_per_window < 1 or self.motion_frames < 1:
             problems.append("frames_per_window and motion_frames must be at least 1")
+        if not 1 <= self.min_steps <= self.default_steps:
+            problems.append("need 1 <= min_steps <= default_steps")
         if problems:
             raise EmoteError(f"invalid model config ({self.preset}): " + "; ".join(problems))
         return self

@@ -24,7 +24,7 @@ class StreamConfig:
     motion_frames: int | None = None  # M frames carried from the previous window; None: the model's
     context_lookahead_frames: int = 0  # future frames of the ±m audio context to wait for; the rest repeat the edge
     steps: int | None = None  # sampler steps; None: the model's default
-    min_steps: int = 1  # the behind-schedule policy never goes below this
+    min_steps: int | None = None  # the behind-schedule policy never goes below this; None: the model's (at most steps)
     max_batch: int = 8  # windows per backbone call
     speech_speed: float | None = None  # head-motion speed while speaking; None: the model's default
     idle_speed: float = 0.3  # non-zero: the idle avatar keeps moving
@@ -41,6 +41,7 @@ class StreamConfig:
             model_threads=self.model_threads or default_model_threads(),
             motion_frames=self.motion_frames or model.motion_frames,
             steps=self.steps or model.default_steps,
+            min_steps=self.min_steps or min(model.min_steps, self.steps or model.default_steps),
             speech_speed=model.default_speed if self.speech_speed is None else self.speech_speed,
         )
         problems = []

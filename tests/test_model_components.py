@@ -31,6 +31,8 @@ def test_presets_validate_and_round_trip_through_json(name):
 def test_invalid_config_names_the_problem():
     with pytest.raises(EmoteError, match="multiple of the VAE factor"):
         get_preset("tiny").replace(resolution=30).validate()
+    with pytest.raises(EmoteError, match="min_steps"):
+        get_preset("tiny").replace(min_steps=3).validate()  # above default_steps
     with pytest.raises(EmoteError, match="unknown model config keys: bogus"):
         ModelConfig.from_dict({**get_preset("tiny").to_dict(), "bogus": 1})
 

@@ -2,7 +2,7 @@
 
 The floors sit below what the committed checkpoint measures (its model card) and far above what the untrained
 `default` preset gives (measured 2026-11-29, in brackets below), so a broken, untrained or replaced checkpoint fails.
-The first checkpoint does not lip-sync yet (r 0.10), so lip sync has no floor here until a checkpoint does.
+The checkpoint does not lip-sync yet (r 0.10), so lip sync has no floor here until a checkpoint does.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from avatar.pipeline import BUNDLED_MODEL_DIR, AvatarPipeline, UntrainedModelWar
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "avatar" / "assets" / "default_portrait.png"
 MAX_CHECKPOINT_BYTES = 50 * 10**6
-RENDER_PSNR_FLOOR = 10.0  # mean PSNR of rendered frames against the portrait: checkpoint 13.0 dB (random 6.6)
-EVAL_PSNR_FLOOR = 10.5  # `emote eval --clips 2`: checkpoint 12.6 dB (random 7.6)
-EVAL_SSIM_FLOOR = 0.4  # checkpoint 0.58 (random 0.11)
+RENDER_PSNR_FLOOR = 12.0  # mean PSNR of rendered frames against the portrait: checkpoint 15.3 dB (random 6.6)
+EVAL_PSNR_FLOOR = 12.5  # `emote eval --clips 2`: checkpoint 14.5 dB (random 7.6)
+EVAL_SSIM_FLOOR = 0.55  # checkpoint 0.67 (random 0.11)
 
 
 def emote(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -316,6 +316,29 @@ async def test_end_of_speech_flags_the_last_frame_and_playout_completes():
     await clock.run(body())
 
 
+async def test_model_min_steps_holds_frames_instead_of_fewer_steps():
+    """A model whose 1-step output is unusable (model config min_steps 2): where 1 step would keep pace, the engine
+    still runs 2 and holds frames. An explicit stream steps=1 is the user's choice and stays allowed."""
+    clock = FakeClock()
+    inner = tiny()
+    inner.config = inner.config.replace(min_steps=2)
+    pipe = StubPipeline(inner, seconds_per_step=0.15)
+    assert StreamConfig().resolve(inner.config).min_steps == 2
+    assert StreamConfig(steps=1).resolve(inner.config).min_steps == 1
+
+    async def body():
+        engine = await started_engine(pipe, clock)
+        session = await engine.open_session("a", max_audio_backlog_s=0.5)
+        feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(8.0), session.slot_time(0), 320))
+        await collect(session, 120)
+        feeder.cancel()
+        assert engine.steps_used.get(1, 0) == 0 and engine.steps_used.get(2, 0) > 0
+        assert session.metrics().counters.skipped_windows > 0
+        await engine.stop()
+
+    await clock.run(body())
+
+
 @pytest.mark.parametrize("seconds_per_step,expect", [(0.15, "fewer_steps"), (0.3, "skip")])
 async def test_behind_schedule_policy_keeps_pace_and_latency_bounded(seconds_per_step, expect):
     clock = FakeClock()

@@ -16,7 +16,7 @@ from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_l
 from avatar.train.stages import build_objective
 from server.cli import main as emote
 
-STAGE_LR = {"vae": 3e-3, "decoder": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
+STAGE_LR = {"vae": 3e-3, "decoder": 3e-3, "audio": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
 
 
 @pytest.fixture(scope="session")
@@ -57,19 +57,19 @@ def overfit(objective, corpus: Path, out: Path, steps: int, lr: float, make_ema=
 
 @pytest.fixture(scope="module")
 def staged(corpus, tmp_path_factory):
-    """vae -> decoder -> 1 -> 2 -> 3 in one process on one tiny pipeline: the loss of each stage and what it changed."""
+    """vae -> decoder -> audio -> 1 -> 2 -> 3 in one process on one tiny pipeline: the loss of each stage and what it changed."""
     out = tmp_path_factory.mktemp("stages")
     pipe = AvatarPipeline.from_config("tiny", seed=0)
     as_teacher(pipe)
     results = {}
-    for stage, steps in (("vae", 25), ("decoder", 20), ("1", 30), ("2", 30), ("3", 30)):
+    for stage, steps in (("vae", 25), ("decoder", 20), ("audio", 30), ("1", 30), ("2", 30), ("3", 30)):
         objective = build_objective(stage, pipe)
         expected = {f"{n}" for n, _ in objective.trainable_named_parameters()}
         results[stage] = (*overfit(objective, corpus, out / stage, steps, STAGE_LR[stage]), expected)
     return pipe, results
 
 
-@pytest.mark.parametrize("stage,ratio", [("vae", 0.5), ("decoder", 0.95), ("1", 0.6), ("2", 0.97), ("3", 0.999)])
+@pytest.mark.parametrize("stage,ratio", [("vae", 0.5), ("decoder", 0.95), ("audio", 0.5), ("1", 0.6), ("2", 0.97), ("3", 0.999)])
 def test_stage_loss_goes_down(staged, stage, ratio):
     before, after, _, _ = staged[1][stage]
     assert after < ratio * before, (stage, before, after)
@@ -82,18 +82,27 @@ def test_stage_2_learns_from_scratch(corpus, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize("stage", ["vae", "decoder", "1", "2", "3"])
+@pytest.mark.parametrize("stage", ["vae", "decoder", "audio", "1", "2", "3"])
 def test_stage_changes_only_its_parameters(staged, stage):
     _, _, changed, expected = staged[1][stage]
     assert changed, stage
     assert changed <= expected, sorted(changed - expected)[:5]
     if stage == "decoder":  # the latent space the backbone learned stays put
         assert all(n.startswith("vae.decoder.") for n in changed)
+    if stage == "audio":  # the mel encoder and its probe; the probe is not part of the model
+        assert {n.split(".")[0] for n in changed} == {"audio_encoder", "probe"}
     if stage == "3":
         assert all("speed" in n for n in changed)
     if stage == "2":
         assert any(n.startswith("audio_encoder.") for n in changed)
         assert not any(n.startswith("reference_net.") for n in changed)
+
+
+def test_frozen_component_keeps_its_weights(corpus, tmp_path):
+    """Stage 2 with a pretrained audio encoder frozen: the temporal and audio layers train, the encoder does not."""
+    pipe = AvatarPipeline.from_config("tiny", seed=2)
+    _, _, changed = overfit(build_objective("2", pipe, frozen=("audio_encoder",)), corpus, tmp_path, steps=3, lr=3e-3)
+    assert changed and all(n.startswith("backbone.") for n in changed), sorted(changed)[:5]
 
 
 def test_lip_weights_follow_the_face_box():
@@ -168,10 +177,12 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
     teacher_dir = tmp_path / "teacher"
     pipe.save_pretrained(teacher_dir)
     settings = LoopSettings(out=tmp_path / "student", steps=3, batch_size=1, lr=1e-4, save_every=10**6, progress=False)
-    result = distill(teacher_dir, corpus, settings, num_inference_steps=2, skip=20, guidance=2.0, limit_windows=2)
+    result = distill(teacher_dir, corpus, settings, num_inference_steps=2, skip=100, guidance=2.0, limit_windows=2)
     student = AvatarPipeline.from_pretrained(result.model_dir)
     assert student.config.sampler == "lcm" and student.config.default_steps == 2
     assert type(student.scheduler).__name__ == "LCMScheduler"
+    student.scheduler.set_timesteps(2)  # samples on the skip-100 grid it was trained on
+    assert student.scheduler.timesteps.tolist() == [999, 499]
     portrait = np.full((32, 32, 3), 128, np.uint8)
     audio = np.zeros(16000 // 5, np.float32)
     for steps in (1, 2):
@@ -191,13 +202,19 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         ["train", "--stage", "3", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "/nonexistent/model"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--resume", "--preset", "tiny"],
         ["train", "--stage", "4", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "ears"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "backbone",
+         "--freeze", "reference_net"],
         ["distill", "--teacher", "/nonexistent/model", "--data", "{corpus}", "--out", "{tmp}/o"],
         ["distill", "--teacher", "{tmp}", "--data", "{corpus}", "--out", "{tmp}/o", "--num-inference-steps", "0"],
         ["distill", "--teacher", "{tmp}", "--data", "{corpus}", "--out", "{tmp}/o", "--guidance", "0.5"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "30"],
     ],
 )
 def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
-    argv = [a.format(tmp=tmp_path, corpus=corpus) for a in argv]
+    if "{teacher}" in argv:  # a loadable teacher, so that the error is the option's
+        AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "teacher")
+    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher") for a in argv]
     try:
         code = emote(argv)
     except SystemExit as exc:

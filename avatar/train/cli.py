@@ -7,7 +7,7 @@ from pathlib import Path
 
 from avatar.errors import EmoteError
 
-STAGE_CHOICES = ("vae", "decoder", "1", "2", "3")
+STAGE_CHOICES = ("vae", "decoder", "audio", "1", "2", "3")
 
 
 def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
@@ -29,20 +29,23 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train one EMO stage (vae, decoder, 1 image, 2 video, 3 speed) on a corpus")
+    train = subparsers.add_parser("train", help="train one EMO stage (vae, decoder, audio, 1 image, 2 video, 3 speed) on a corpus")
     train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
     source.add_argument("--preset", default=None, help="start from random weights of this preset (default: default)")
     add_loop_options(train, steps=1000, lr=1e-4, batch_size=2)
     train.add_argument("--ema-decay", type=float, default=0.999)
+    train.add_argument("--freeze", action="append", default=[], metavar="COMPONENT",
+                       help="keep this network fixed where the stage would train it, e.g. a pretrained audio_encoder "
+                            "in stage 2 (repeatable)")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
     distill.add_argument("--teacher", type=Path, required=True, help="the teacher model (stage 3's --out)")
     add_loop_options(distill, steps=1000, lr=1e-5, batch_size=2)
     distill.add_argument("--num-inference-steps", type=int, default=2, help="the student's default steps (1-8)")
-    distill.add_argument("--skip", type=int, default=20, help="DDIM solver skip in training timesteps (LCM: 20)")
+    distill.add_argument("--skip", type=int, default=20, help="DDIM solver skip in training timesteps, a divisor of 1000 (LCM: 20; 100 converges faster for 1-2 steps)")
     distill.add_argument("--guidance", type=float, default=2.0, help="teacher guidance folded into the student (>= 1)")
     distill.set_defaults(func=run_distill)
 
@@ -96,7 +99,8 @@ def run_train(args: argparse.Namespace) -> int:
     get_preset(preset)  # an unknown preset is an EmoteError before anything loads
     from .loop import train_stage
 
-    _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset, limit_windows=args.limit_windows))
+    _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
+                        limit_windows=args.limit_windows, frozen=tuple(args.freeze)))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Per training window:
 1. pick a point t of the skipping grid (every `skip` training timesteps: 19, 39, ..., 999 for skip 20) and noise the
-   clean latents to x_t;
+   clean latents to x_t; the student's LCMScheduler samples on the same grid (`original_inference_steps` T / skip);
 2. the frozen teacher, with classifier-free guidance at a FIXED scale w (the pipeline's guidance: reference+audio vs.
    nothing), takes one DDIM step from t to t - skip;
 3. the target is the EMA copy of the student (decay 0.95) evaluated at t - skip, the student is evaluated at t, both
@@ -58,8 +58,9 @@ class ConsistencyDistillation(PipelineModules):
     def __init__(self, teacher_pipe, skip: int, guidance: float):
         super().__init__(teacher_pipe, stage="distill")
         cfg = teacher_pipe.config
-        if not 1 <= skip < cfg.num_train_timesteps:
-            raise EmoteError(f"--skip must be between 1 and {cfg.num_train_timesteps - 1}, got {skip}")
+        if not 1 <= skip < cfg.num_train_timesteps or cfg.num_train_timesteps % skip:
+            raise EmoteError(f"--skip must divide the {cfg.num_train_timesteps} training timesteps (e.g. 20, 50, 100), "
+                             f"got {skip}")
         self.skip = skip
         self.guidance = guidance
         self.window_frames = cfg.motion_frames + cfg.frames_per_window
@@ -112,6 +113,8 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
             skip: int = 20, guidance: float = 2.0, limit_windows: int | None = None) -> LoopResult:
     """Distil `teacher` (a model directory) into a student saved under `settings.out / "model"` with the LCM sampler
     and `num_inference_steps` default steps."""
+    from diffusers import LCMScheduler
+
     from avatar.pipeline import AvatarPipeline
     from avatar.schedulers import build_scheduler
 
@@ -122,7 +125,10 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     pipe = AvatarPipeline.from_pretrained(resolve_model_dir(teacher))
     objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance)
     pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps)
-    pipe.scheduler = build_scheduler(pipe.config)
+    # The student samples on the grid it was trained on: LCMScheduler's origin timesteps are T/n - 1, 2T/n - 1, ...
+    pipe.scheduler = LCMScheduler.from_config(
+        build_scheduler(pipe.config).config, original_inference_steps=pipe.config.num_train_timesteps // skip
+    )
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     target_params = list(objective.target.parameters())

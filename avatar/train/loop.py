@@ -362,8 +362,9 @@ def as_teacher(pipe) -> None:
 
 
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
-                preset: str = "default", limit_windows: int | None = None) -> LoopResult:
-    """Run one EMO stage (`vae`, `decoder`, `1`, `2`, `3`), starting from `init` (a model directory) or a fresh `preset`."""
+                preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = ()) -> LoopResult:
+    """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), starting from `init` (a model directory) or a
+    fresh `preset`; the components in `frozen` keep their weights."""
     from avatar.pipeline import AvatarPipeline
 
     from .stages import build_objective
@@ -375,7 +376,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     else:
         pipe = AvatarPipeline.from_config(preset, seed=settings.seed)
     as_teacher(pipe)
-    objective = build_objective(stage, pipe)
+    objective = build_objective(stage, pipe, frozen)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained)

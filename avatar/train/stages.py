@@ -5,6 +5,10 @@
   assumes);
 - stage `decoder`: the same loss, the decoder alone: the latent space stays as it is, so a sharper decoder can be
   trained at any time and dropped into a model whose backbone was trained on that latent space;
+- stage `audio`: the mel audio encoder alone, made to predict the corpus's exact mouth parameters (opening, width,
+  rounding, teeth, tongue) from its per-frame features through a linear probe: a fast supervised start, so that
+  stage 2's cross-attention finds lip-relevant features instead of learning them from the diffusion loss alone, where
+  the mouth is ~4% of a frame (the probe is not part of the model);
 - stage `1` (image): ReferenceNet + the backbone's spatial layers + face locator, on single frames;
 - stage `2` (video): temporal layers, audio cross-attention, the audio projection and the mel encoder, on windows of
   F frames preceded by M motion frames; everything spatial is frozen;
@@ -22,10 +26,13 @@ from torch import nn
 from avatar import vae as vae_ops
 from avatar.audio import MelAudioEncoder, window_features
 from avatar.config import ModelConfig
+from avatar.data.corpus import PARAM_COLUMNS
+from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions, parameter_group
 
-STAGES = ("vae", "decoder", "1", "2", "3")
+STAGES = ("vae", "decoder", "audio", "1", "2", "3")
+COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
 
 # Condition dropout, so that the teacher supports the pipeline's guidance (drop audio; drop reference and audio).
 DROP_AUDIO_P = 0.05
@@ -48,6 +55,8 @@ def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> boo
         return component == "vae"
     if stage == "decoder":
         return component == "vae" and name.startswith("decoder.")
+    if stage == "audio":
+        return component == "audio_encoder" and cfg.audio_encoder == "mel"
     if stage == "1":
         return component == "reference_net" or (component == "backbone" and parameter_group(name) == "spatial")
     if stage == "2":
@@ -130,10 +139,11 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 class PipelineModules(nn.Module):
     """The pipeline's networks under one module, the unit that `accelerate` prepares and checkpoints."""
 
-    def __init__(self, pipe, stage: str):
+    def __init__(self, pipe, stage: str, frozen: tuple[str, ...] = ()):
         super().__init__()
         self.cfg: ModelConfig = pipe.config
         self.stage = stage
+        self.frozen = frozen
         self.vae = pipe.vae
         self.reference_net = pipe.reference_net
         self.backbone = pipe.backbone
@@ -147,7 +157,9 @@ class PipelineModules(nn.Module):
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         picked = []
-        for component in ("vae", "reference_net", "backbone", "audio_encoder"):
+        for component in COMPONENTS:
+            if component in self.frozen:
+                continue
             for name, param in getattr(self, component).named_parameters():
                 if stage_trains(self.stage, component, name, self.cfg):
                     picked.append((f"{component}.{name}", param))
@@ -250,8 +262,8 @@ class VaeObjective(PipelineModules):
     audio_context = 0
     latent_reg_weight = 0.01
 
-    def __init__(self, pipe, stage: str = "vae"):
-        super().__init__(pipe, stage)
+    def __init__(self, pipe, stage: str = "vae", frozen: tuple[str, ...] = ()):
+        super().__init__(pipe, stage, frozen)
         if stage == "decoder":
             self.latent_reg_weight = 0.0  # the encoder is frozen: the term has no gradient
         if pipe.config.vae_type != "tiny":
@@ -271,6 +283,33 @@ class VaeObjective(PipelineModules):
         loss = weighted_mean(error.abs() + error.square(), weights)
         lat = latents.float()
         return loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
+
+
+class AudioObjective(PipelineModules):
+    """Stage `audio`: per-frame mouth parameters from the audio features the backbone attends to (the frame and its
+    +-context neighbours), through a linear probe; the loss is their mean squared error."""
+
+    window_frames = 12
+
+    def __init__(self, pipe, stage: str = "audio", frozen: tuple[str, ...] = ()):
+        super().__init__(pipe, stage, frozen)
+        if pipe.config.audio_encoder != "mel":
+            raise EmoteError("stage audio trains the mel audio encoder; this model's wav2vec2 encoder is pretrained")
+        self.audio_context = AUDIO_HISTORY_FRAMES + pipe.config.audio_context_frames
+        self.mouth_columns = [PARAM_COLUMNS.index(name) for name in MOUTH_FIELDS]
+        self.probe = nn.Linear(pipe.config.audio_tokens_per_frame * pipe.config.audio_feature_dim, len(MOUTH_FIELDS))
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return super().trainable_named_parameters() + [(f"probe.{n}", p) for n, p in self.probe.named_parameters()]
+
+    def predict_mouth(self, audio: torch.Tensor, frames: int) -> torch.Tensor:
+        """Dataset audio (with `audio_context` frames either side) -> (B, frames, len(MOUTH_FIELDS))."""
+        features = self.window_audio(audio, self.audio_context, frames)
+        return self.probe(features.flatten(2).float())
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        target = batch["params"][..., self.mouth_columns].float()
+        return F.mse_loss(self.predict_mouth(batch["audio"], target.shape[1]), target)
 
 
 class ImageObjective(PipelineModules):
@@ -300,8 +339,8 @@ class ImageObjective(PipelineModules):
 class VideoObjective(PipelineModules):
     """Stages 2 and 3: denoise F frames with motion frames, audio and speed."""
 
-    def __init__(self, pipe, stage: str):
-        super().__init__(pipe, stage)
+    def __init__(self, pipe, stage: str, frozen: tuple[str, ...] = ()):
+        super().__init__(pipe, stage, frozen)
         self.window_frames = pipe.config.motion_frames + pipe.config.frames_per_window
         self.audio_context = AUDIO_HISTORY_FRAMES + pipe.config.audio_context_frames
 
@@ -313,11 +352,17 @@ class VideoObjective(PipelineModules):
         return weighted_mean(error.square(), self.window_lip_weights(batch, x0))
 
 
-def build_objective(stage: str, pipe) -> PipelineModules:
+def build_objective(stage: str, pipe, frozen: tuple[str, ...] = ()) -> PipelineModules:
+    """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them."""
+    unknown = sorted(set(frozen) - set(COMPONENTS))
+    if unknown:
+        raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
     if stage in ("vae", "decoder"):
-        return VaeObjective(pipe, stage)
+        return VaeObjective(pipe, stage, frozen)
+    if stage == "audio":
+        return AudioObjective(pipe, stage, frozen)
     if stage == "1":
-        return ImageObjective(pipe, stage)
+        return ImageObjective(pipe, stage, frozen)
     if stage in ("2", "3"):
-        return VideoObjective(pipe, stage)
+        return VideoObjective(pipe, stage, frozen)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
