@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .config import ModelConfig
+from .errors import EmoteError
 
 SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "lcm": LCMScheduler}
 
@@ -30,6 +31,10 @@ def build_scheduler(cfg: ModelConfig, sampler: str | None = None) -> SchedulerMi
 
 def fresh_scheduler(template: SchedulerMixin, steps: int, device=None) -> SchedulerMixin:
     """A new scheduler instance (diffusers schedulers keep a step index) with its timesteps set."""
+    grid = template.config.get("original_inference_steps")
+    if isinstance(template, LCMScheduler) and grid and steps > grid:
+        raise EmoteError(f"this model's LCM sampler was distilled on a {grid}-point grid: use at most {grid} steps, "
+                         f"not {steps}")
     scheduler = type(template).from_config(template.config)
     scheduler.set_timesteps(steps, device=device)
     return scheduler

@@ -35,13 +35,14 @@ class StreamConfig:
     max_consumer_lag_frames: int = 3  # a reader later than this skips to the current frame
 
     def resolve(self, model: ModelConfig) -> "StreamConfig":
+        steps = self.steps or model.default_steps
         cfg = replace(
             self,
             frames_per_window=self.frames_per_window or min(model.frames_per_window, LOW_LATENCY_FRAMES_PER_WINDOW),
             model_threads=self.model_threads or default_model_threads(),
             motion_frames=self.motion_frames or model.motion_frames,
-            steps=self.steps or model.default_steps,
-            min_steps=self.min_steps or min(model.min_steps, self.steps or model.default_steps),
+            steps=steps,
+            min_steps=min(model.min_steps, steps) if self.min_steps is None else self.min_steps,
             speech_speed=model.default_speed if self.speech_speed is None else self.speech_speed,
         )
         problems = []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from avatar.config import VIDEO_FPS
+from avatar.errors import EmoteError
 from avatar.pipeline import AvatarPipeline
 from streaming.clock import FakeClock
 from streaming.config import StreamConfig
@@ -325,6 +326,8 @@ async def test_model_min_steps_holds_frames_instead_of_fewer_steps():
     pipe = StubPipeline(inner, seconds_per_step=0.15)
     assert StreamConfig().resolve(inner.config).min_steps == 2
     assert StreamConfig(steps=1).resolve(inner.config).min_steps == 1
+    with pytest.raises(EmoteError, match="min_steps"):
+        StreamConfig(min_steps=0).resolve(inner.config)
 
     async def body():
         engine = await started_engine(pipe, clock)

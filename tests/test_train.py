@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from avatar.errors import EmoteError
 from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
 from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_loop, train_stage
@@ -57,7 +58,8 @@ def overfit(objective, corpus: Path, out: Path, steps: int, lr: float, make_ema=
 
 @pytest.fixture(scope="module")
 def staged(corpus, tmp_path_factory):
-    """vae -> decoder -> audio -> 1 -> 2 -> 3 in one process on one tiny pipeline: the loss of each stage and what it changed."""
+    """vae -> decoder -> audio -> 1 -> 2 -> 3 in one process on one tiny pipeline: each stage's loss and what it
+    changed."""
     out = tmp_path_factory.mktemp("stages")
     pipe = AvatarPipeline.from_config("tiny", seed=0)
     as_teacher(pipe)
@@ -69,7 +71,9 @@ def staged(corpus, tmp_path_factory):
     return pipe, results
 
 
-@pytest.mark.parametrize("stage,ratio", [("vae", 0.5), ("decoder", 0.95), ("audio", 0.5), ("1", 0.6), ("2", 0.97), ("3", 0.999)])
+@pytest.mark.parametrize(
+    "stage,ratio", [("vae", 0.5), ("decoder", 0.95), ("audio", 0.5), ("1", 0.6), ("2", 0.97), ("3", 0.999)]
+)
 def test_stage_loss_goes_down(staged, stage, ratio):
     before, after, _, _ = staged[1][stage]
     assert after < ratio * before, (stage, before, after)
@@ -183,6 +187,8 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
     assert type(student.scheduler).__name__ == "LCMScheduler"
     student.scheduler.set_timesteps(2)  # samples on the skip-100 grid it was trained on
     assert student.scheduler.timesteps.tolist() == [999, 499]
+    with pytest.raises(EmoteError, match="10-point grid"):
+        list(student.render(np.full((32, 32, 3), 128, np.uint8), np.zeros(16000 // 5, np.float32), steps=11))
     portrait = np.full((32, 32, 3), 128, np.uint8)
     audio = np.zeros(16000 // 5, np.float32)
     for steps in (1, 2):
@@ -209,6 +215,8 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         ["distill", "--teacher", "{tmp}", "--data", "{corpus}", "--out", "{tmp}/o", "--num-inference-steps", "0"],
         ["distill", "--teacher", "{tmp}", "--data", "{corpus}", "--out", "{tmp}/o", "--guidance", "0.5"],
         ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "30"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "500",
+         "--num-inference-steps", "3"],
     ],
 )
 def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):

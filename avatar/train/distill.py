@@ -124,10 +124,15 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
         raise EmoteError(f"--guidance must be between 1 and 20, got {guidance}")
     pipe = AvatarPipeline.from_pretrained(resolve_model_dir(teacher))
     objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance)
-    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps)
+    grid = pipe.config.num_train_timesteps // skip
+    if num_inference_steps > grid:
+        raise EmoteError(f"--num-inference-steps {num_inference_steps} exceeds the {grid} points of the "
+                         f"--skip {skip} grid")
+    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps,
+                                      min_steps=min(pipe.config.min_steps, num_inference_steps)).validate()
     # The student samples on the grid it was trained on: LCMScheduler's origin timesteps are T/n - 1, 2T/n - 1, ...
     pipe.scheduler = LCMScheduler.from_config(
-        build_scheduler(pipe.config).config, original_inference_steps=pipe.config.num_train_timesteps // skip
+        build_scheduler(pipe.config).config, original_inference_steps=grid
     )
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)

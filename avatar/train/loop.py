@@ -357,7 +357,7 @@ def as_teacher(pipe) -> None:
     """Stage outputs are many-step teachers: DDIM sampling, TEACHER_STEPS steps by default."""
     from avatar.schedulers import build_scheduler
 
-    pipe.config = pipe.config.replace(sampler="ddim", default_steps=TEACHER_STEPS)
+    pipe.config = pipe.config.replace(sampler="ddim", default_steps=TEACHER_STEPS, min_steps=1)
     pipe.scheduler = build_scheduler(pipe.config)
 
 
