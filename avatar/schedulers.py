@@ -10,7 +10,9 @@ from .errors import EmoteError
 SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "lcm": LCMScheduler}
 
 
-def build_scheduler(cfg: ModelConfig, sampler: str | None = None) -> SchedulerMixin:
+def build_scheduler(cfg: ModelConfig, sampler: str | None = None, lcm_grid: int | None = None) -> SchedulerMixin:
+    """`lcm_grid`: the number of timesteps an LCM student was distilled on (LCMScheduler's original_inference_steps;
+    diffusers' default 50 when None)."""
     sampler = sampler or cfg.sampler
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
@@ -25,7 +27,7 @@ def build_scheduler(cfg: ModelConfig, sampler: str | None = None) -> SchedulerMi
         # "trailing" spacing starts sampling at t = T - 1 (pure noise), which few-step sampling needs.
         return DDIMScheduler(**common, timestep_spacing="trailing")
     if sampler == "lcm":
-        return LCMScheduler(**common)
+        return LCMScheduler(**common, **({"original_inference_steps": lcm_grid} if lcm_grid else {}))
     raise ValueError(f"unknown sampler {sampler!r}")
 
 

@@ -113,8 +113,6 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
             skip: int = 20, guidance: float = 2.0, limit_windows: int | None = None) -> LoopResult:
     """Distil `teacher` (a model directory) into a student saved under `settings.out / "model"` with the LCM sampler
     and `num_inference_steps` default steps."""
-    from diffusers import LCMScheduler
-
     from avatar.pipeline import AvatarPipeline
     from avatar.schedulers import build_scheduler
 
@@ -131,9 +129,7 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps,
                                       min_steps=min(pipe.config.min_steps, num_inference_steps)).validate()
     # The student samples on the grid it was trained on: LCMScheduler's origin timesteps are T/n - 1, 2T/n - 1, ...
-    pipe.scheduler = LCMScheduler.from_config(
-        build_scheduler(pipe.config).config, original_inference_steps=grid
-    )
+    pipe.scheduler = build_scheduler(pipe.config, lcm_grid=grid)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     target_params = list(objective.target.parameters())
