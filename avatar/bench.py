@@ -79,6 +79,7 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0)
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "steps": steps,
+        "strength": cfg.strength,
         "frames_per_window": f,
         "motion_frames": m,
         "threads": torch.get_num_threads(),

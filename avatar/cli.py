@@ -22,6 +22,17 @@ def _steps(value: str) -> int:
     return steps
 
 
+def strength_arg(value: str) -> float:
+    """argparse type of --strength: a warm start's fraction of the noise schedule, in (0, 1]."""
+    try:
+        strength = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--strength must be a number, got {value!r}") from None
+    if not 0 < strength <= 1:
+        raise argparse.ArgumentTypeError(f"--strength must be in (0, 1], got {value}")
+    return strength
+
+
 def _seed(value: str) -> int:
     try:
         seed = int(value)
@@ -44,6 +55,9 @@ def register(subparsers) -> None:
     render.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
     add_model_options(render)
     render.add_argument("--steps", type=_steps, default=None, help="sampling steps (default: the model's)")
+    render.add_argument("--strength", type=strength_arg, default=None,
+                        help="warm start from the previous frame noised to this fraction of the schedule; 1 starts "
+                             "from pure noise (default: the model's)")
     render.add_argument("--seed", type=_seed, default=0)
     render.set_defaults(func=run_render)
 
@@ -88,7 +102,7 @@ def run_render(args: argparse.Namespace) -> int:
         raise EmoteError(f"audio {args.audio} is shorter than one video frame (40 ms)")
     pipe = load_pipeline(args.model, args.device)
     portrait = crop_square(image, find_face(image))
-    frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed)
+    frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed, strength=args.strength)
     count = write_video(args.output, frames, audio=audio)
     sys.stderr.write(f"wrote {args.output}: {count} frames at 25 fps, {pipe.resolution}x{pipe.resolution}\n")
     return 0

@@ -70,6 +70,10 @@ class ModelConfig:
     # The fewest steps whose output is still usable (a short distillation can leave 1 step as noise); the streaming
     # engine's behind-schedule policy holds frames rather than go below it.
     min_steps: int = 1
+    # Warm start (diffusers' img2img strength): each window starts from its previous frame's latent (the reference's
+    # for a clip's first window) noised to this fraction of the schedule, instead of from pure noise (1.0). The
+    # previous frame already holds the identity, so a few steps only have to redraw what moves.
+    strength: float = 1.0
 
     @property
     def vae_scale_factor(self) -> int:
@@ -108,6 +112,8 @@ class ModelConfig:
             problems.append("frames_per_window and motion_frames must be at least 1")
         if not 1 <= self.min_steps <= self.default_steps:
             problems.append("need 1 <= min_steps <= default_steps")
+        if not 0 < self.strength <= 1:
+            problems.append(f"strength must be in (0, 1], got {self.strength}")
         if problems:
             raise EmoteError(f"invalid model config ({self.preset}): " + "; ".join(problems))
         return self

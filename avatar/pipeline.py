@@ -218,8 +218,12 @@ class AvatarPipeline:
         guidance_scale: float = 1.0,
         audio_guidance_scale: float | None = None,
         sampler: str | None = None,
+        strength: float | None = None,
     ) -> torch.Tensor:
         """Sample a batch of windows in one backbone call per step. Returns clean latents (B, F, C, h, w).
+
+        strength (default: the model's): below 1, a warm start: each window starts from its last motion frame (the
+        reference for a first window) noised to that fraction of the schedule, instead of from pure noise.
 
         Guidance (for the teacher): eps = e_u + g_ref (e_ref - e_u) + g_audio (e_full - e_ref), where e_u drops the
         reference and the audio, e_ref drops the audio. With both scales 1 only the conditional pass runs.
@@ -228,15 +232,20 @@ class AvatarPipeline:
             raise ValueError("no windows to denoise")
         cfg = self.config
         steps = steps or cfg.default_steps
+        strength = cfg.strength if strength is None else strength
         frames = windows[0].audio.shape[0]
         if any(w.audio.shape[0] != frames for w in windows):
             raise ValueError("all windows in a batch must have the same number of frames")
         template = self.scheduler if sampler is None else build_scheduler(cfg, sampler)
-        scheduler = fresh_scheduler(template, steps, device=self.device)
+        scheduler = fresh_scheduler(template, steps, device=self.device, strength=strength)
         generators = [torch.Generator().manual_seed(w.seed) for w in windows]
         shape = (frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        if strength < 1.0:
+            starts = torch.stack([_warm_start_latent(w, frames) for w in windows]).to(self.device, self.dtype)
+            latents = scheduler.add_noise(starts, latents, scheduler.timesteps[:1])
+        else:
+            latents = latents * scheduler.init_noise_sigma
 
         cond = BackboneConditions(
             reference_bank=stack_banks([w.reference for w in windows]),
@@ -284,8 +293,10 @@ class AvatarPipeline:
         face_box: tuple[float, float, float, float] | None = None,
         guidance_scale: float = 1.0,
         reference: ReferenceCache | None = None,
+        strength: float | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield uint8 (R, R, 3) frames, exactly round(duration * 25) of them, one window at a time."""
+        """Yield uint8 (R, R, 3) frames, exactly round(duration * 25) of them, one window at a time. `strength`:
+        see `denoise_windows` (default: the model's)."""
         cfg = self.config
         reference = reference or self.prepare_reference(portrait, face_box)
         contexts = self.audio_windows(self.encode_audio(audio, sample_rate))
@@ -305,9 +316,15 @@ class AvatarPipeline:
                 motion_latents=motion,
                 seed=window_seed(seed, index),
             )
-            latents = self.denoise_windows([window], steps=steps, guidance_scale=guidance_scale)[0]
+            latents = self.denoise_windows([window], steps=steps, guidance_scale=guidance_scale, strength=strength)[0]
             motion = latents[f - m :]
             yield from self.decode(latents[:valid])
+
+
+def _warm_start_latent(window: WindowInput, frames: int) -> torch.Tensor:
+    """What a warm-started window's frames start from: the newest frame before the window."""
+    last = window.reference.latent if window.motion_latents is None else window.motion_latents[-1:]
+    return last.expand(frames, -1, -1, -1)
 
 
 def expected_component_configs(path: str | Path) -> dict[str, dict]:

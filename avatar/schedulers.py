@@ -1,6 +1,8 @@
 """Diffusers schedulers: DDIM for the many-step teacher, LCM for the distilled 1-4 step student."""
 from __future__ import annotations
 
+import math
+
 from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -31,12 +33,25 @@ def build_scheduler(cfg: ModelConfig, sampler: str | None = None, lcm_grid: int 
     raise ValueError(f"unknown sampler {sampler!r}")
 
 
-def fresh_scheduler(template: SchedulerMixin, steps: int, device=None) -> SchedulerMixin:
-    """A new scheduler instance (diffusers schedulers keep a step index) with its timesteps set."""
-    grid = template.config.get("original_inference_steps")
-    if isinstance(template, LCMScheduler) and grid and steps > grid:
-        raise EmoteError(f"this model's LCM sampler was distilled on a {grid}-point grid: use at most {grid} steps, "
-                         f"not {steps}")
+def fresh_scheduler(template: SchedulerMixin, steps: int, device=None, strength: float = 1.0) -> SchedulerMixin:
+    """A new scheduler instance (diffusers schedulers keep a step index) with `steps` timesteps set. With
+    `strength` < 1 they start at that fraction of the schedule (a warm start from a noised latent, as diffusers'
+    img2img pipelines do), still `steps` of them."""
+    if not 0 < strength <= 1:
+        raise EmoteError(f"strength must be in (0, 1], got {strength}")
     scheduler = type(template).from_config(template.config)
-    scheduler.set_timesteps(steps, device=device)
+    if isinstance(scheduler, LCMScheduler):
+        grid = scheduler.config.original_inference_steps
+        usable = int(grid * strength)
+        if steps > usable:
+            raise EmoteError(f"this model's LCM sampler was distilled on a {grid}-point grid: strength {strength:g} "
+                             f"leaves {usable} of its points, so use at most {usable} steps, not {steps}")
+        scheduler.set_timesteps(steps, device=device, strength=strength)
+        return scheduler
+    spaced = math.ceil(steps / strength)  # the full schedule whose tail below `strength` has `steps` timesteps
+    if spaced > scheduler.config.num_train_timesteps:
+        raise EmoteError(f"{steps} steps at strength {strength:g} need more than {scheduler.config.num_train_timesteps} "
+                         "training timesteps")
+    scheduler.set_timesteps(spaced, device=device)
+    scheduler.timesteps = scheduler.timesteps[-steps:]
     return scheduler

@@ -127,6 +127,7 @@ async def bench_streaming(pipe, sessions: int, seconds: float, config: StreamCon
         "cpu_ms_per_frame": 1000 * cpu_s / max(1, total_frames),
         "cpu_utilisation": cpu_s / wall_s,
         "steps": cfg.steps,
+        "strength": cfg.strength,
         "steps_used": metrics.steps_used,
         "frames_per_window": cfg.frames_per_window,
         "motion_frames": cfg.motion_frames,

@@ -25,6 +25,7 @@ class StreamConfig:
     context_lookahead_frames: int = 0  # future frames of the ±m audio context to wait for; the rest repeat the edge
     steps: int | None = None  # sampler steps; None: the model's default
     min_steps: int | None = None  # the behind-schedule policy never goes below this; None: the model's (at most steps)
+    strength: float | None = None  # warm start from the previous frame (1.0: from pure noise); None: the model's
     max_batch: int = 8  # windows per backbone call
     speech_speed: float | None = None  # head-motion speed while speaking; None: the model's default
     idle_speed: float = 0.3  # non-zero: the idle avatar keeps moving
@@ -43,6 +44,7 @@ class StreamConfig:
             motion_frames=self.motion_frames or model.motion_frames,
             steps=steps,
             min_steps=min(model.min_steps, steps) if self.min_steps is None else self.min_steps,
+            strength=model.strength if self.strength is None else self.strength,
             speech_speed=model.default_speed if self.speech_speed is None else self.speech_speed,
         )
         problems = []
@@ -52,6 +54,8 @@ class StreamConfig:
             problems.append(f"context_lookahead_frames must be within 0..{model.audio_context_frames}")
         if cfg.steps < 1 or not 1 <= cfg.min_steps <= cfg.steps:
             problems.append("need 1 <= min_steps <= steps")
+        if not 0 < cfg.strength <= 1:
+            problems.append("strength must be in (0, 1]")
         if cfg.max_batch < 1:
             problems.append("max_batch must be at least 1")
         if cfg.max_buffered_audio_s <= 0 or (cfg.max_audio_backlog_s is not None and cfg.max_audio_backlog_s < 0):

@@ -356,7 +356,7 @@ class StreamingEngine:
     def _run_model(self, inputs, steps: int):
         # Durations on the engine's clock: wall time in production, virtual time (a simulated model) in tests.
         t0 = self.clock.now()
-        latents = self.pipeline.denoise_windows(inputs, steps=steps)
+        latents = self.pipeline.denoise_windows(inputs, steps=steps, strength=self.config.strength)
         t1 = self.clock.now()
         b, f = latents.shape[:2]
         images = self.pipeline.decode(latents.flatten(0, 1))

@@ -27,6 +27,8 @@ def emote(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["eval", "--video", "{tmp}/missing.mp4"], "--clip"),
     (["eval", "--clip", "c0000001"], "--video"),
     (["eval", "--steps", "0"], "--steps"),
+    (["eval", "--strength", "1.5"], "--strength"),
+    (["eval", "--video", "{tmp}/v.mp4", "--clip", "c0000001", "--strength", "0.5"], "cannot be combined"),
     (["eval", "--data", "{tmp}"], "not a corpus"),
     (["eval", "--model", "{tmp}/no-model"], "--model"),
 ])
@@ -93,12 +95,13 @@ def test_eval_table_compares_rows_and_writes_table_strip_and_json(eval_corpus, t
     tiny_pipe.save_pretrained(tmp_path / "model")
     model = tmp_path / "model"
     result = emote("eval-table", "--data", str(eval_corpus), "--clips", "1", "--drift-seconds", "0",
-                   "--row", f"teacher={model}:3:2", "--row", f"student={model}:1",
+                   "--row", f"teacher={model}:3:2", "--row", f"student={model}:1:1:0.5",
                    "--markdown", str(tmp_path / "table.md"), "--strip", str(tmp_path / "strip.png"),
                    "--json", str(tmp_path / "rows.json"), "--vae-ceiling", timeout=300)
     assert result.returncode == 0, result.stderr
     ceiling, *rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [(r["label"], r["steps"], r["guidance"]) for r in rows] == [("teacher", 3, 2.0), ("student", 1, 1.0)]
+    assert [(r["label"], r["steps"], r["guidance"], r["strength"]) for r in rows] == [
+        ("teacher", 3, 2.0, 1.0), ("student", 1, 1.0, 0.5)]
     assert all(r["cpu_fps"] > 0 and r["drift"] is None for r in rows)
     assert ceiling["label"].startswith("VAE only") and ceiling["frames"] == rows[0]["frames"] > 0
     table = (tmp_path / "table.md").read_text()
@@ -120,6 +123,7 @@ def test_eval_table_compares_rows_and_writes_table_strip_and_json(eval_corpus, t
     (["--row", "a={tmp}:x"], "STEPS must be an integer"),
     (["--row", "a={tmp}:0"], "at least 1"),
     (["--row", "a={tmp}:2:nan"], "finite"),
+    (["--row", "a={tmp}:2:1:0"], "STRENGTH must be in (0, 1]"),
     (["--row", "a=:2"], "DIR is empty"),
     (["--row", "a={tmp}/missing:2"], "no such model directory"),
     (["--row", "a={tmp}:2", "--row", "a={tmp}:4"], "distinct"),
@@ -132,3 +136,17 @@ def test_eval_table_bad_arguments_exit_2(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("s=models/student:2", ("models/student", 2, 1.0, None)),
+    ("t=models/teacher:25:2", ("models/teacher", 25, 2.0, None)),
+    ("s=models/student:1:1:0.4", ("models/student", 1, 1.0, 0.4)),
+    ("s=C:/models/student:1:1:0.4", ("C:/models/student", 1, 1.0, 0.4)),  # DIR keeps its colons
+    ("s=run:3/model:2", ("run:3/model", 2, 1.0, None)),
+])
+def test_eval_table_row_fields(text, expected):
+    from avatar.eval.compare import Row
+
+    row = Row.parse(text)
+    assert (row.model_dir, row.steps, row.guidance, row.strength) == expected

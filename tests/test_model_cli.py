@@ -115,6 +115,8 @@ BAD_CASES = [
     ("steps zero", lambda f, img, aud, m: ["render", img, aud, "--steps", "0"], "--steps must be between"),
     ("steps huge", lambda f, img, aud, m: ["render", img, aud, "--steps", "5000"], "--steps must be between"),
     ("steps text", lambda f, img, aud, m: ["render", img, aud, "--steps", "two"], "--steps must be an integer"),
+    ("strength zero", lambda f, img, aud, m: ["render", img, aud, "--strength", "0"], "--strength must be in (0, 1]"),
+    ("strength text", lambda f, img, aud, m: ["render", img, aud, "--strength", "half"], "--strength must be a number"),
     ("negative seed", lambda f, img, aud, m: ["render", img, aud, "--seed", "-1"], "--seed must be between"),
     ("bad device", lambda f, img, aud, m: ["render", img, aud, "--device", "tpu"], "invalid choice"),
     ("output not mp4", lambda f, img, aud, m: ["render", img, aud, "--model", m, "-o", f["_dir"] / "out.avi"], "must end in .mp4"),

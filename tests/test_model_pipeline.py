@@ -1,6 +1,7 @@
 """AvatarPipeline: windows, determinism, reference cache, checkpoints (tiny preset, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.config import AUDIO_SAMPLE_RATE
+from avatar.config import AUDIO_SAMPLE_RATE, get_preset
 from avatar.errors import CheckpointError, EmoteError
 from avatar.pipeline import AvatarPipeline, WindowInput, window_seed
 from avatar.reference import ReferenceCache
+from avatar.schedulers import build_scheduler, fresh_scheduler
 from conftest import speech_like
 
 
@@ -104,6 +106,65 @@ def test_guidance_runs_three_backbone_passes_per_step(tiny_pipe, portrait):
     assert len(calls) == 6, "guided (the teacher): conditional, audio dropped, both dropped"
     assert sum(c.reference_bank is None for c in calls) == 2
     assert sum(bool((c.audio == 0).all()) for c in calls) == 4
+
+
+@pytest.mark.parametrize("sampler, steps, strength, expected", [
+    ("lcm", 1, 0.5, [499]),
+    ("lcm", 2, 0.5, [499, 299]),
+    ("lcm", 2, 1.0, [999, 499]),
+    ("ddim", 2, 0.5, [499, 249]),
+    ("ddim", 4, 1.0, [999, 749, 499, 249]),
+])
+def test_strength_starts_the_schedule_later_with_the_same_step_count(sampler, steps, strength, expected):
+    cfg = get_preset("tiny")
+    scheduler = fresh_scheduler(build_scheduler(cfg, sampler, lcm_grid=10), steps, strength=strength)
+    assert scheduler.timesteps.tolist() == expected
+
+
+def test_ddim_warm_start_keeps_the_many_step_spacing():
+    scheduler = fresh_scheduler(build_scheduler(get_preset("tiny"), "ddim"), 25, strength=0.5)
+    timesteps = scheduler.timesteps.tolist()
+    assert len(timesteps) == 25 and max(timesteps) < 500 and timesteps == sorted(timesteps, reverse=True)
+
+
+@pytest.mark.parametrize("steps, strength, message", [
+    (1, 0.0, r"strength must be in \(0, 1\]"),
+    (1, 1.5, r"strength must be in \(0, 1\]"),
+    (3, 0.25, "at most 2 steps"),  # a 10-point LCM grid keeps 2 points below t = 250
+])
+def test_bad_strength_is_a_clear_error(steps, strength, message):
+    with pytest.raises(EmoteError, match=message):
+        fresh_scheduler(build_scheduler(get_preset("tiny"), "lcm", lcm_grid=10), steps, strength=strength)
+
+
+def test_warm_start_begins_at_the_previous_frame(tiny_pipe, portrait):
+    """A low strength stays near the window's last motion frame (the reference for a first window); from pure
+    noise the same window lands elsewhere."""
+    cfg = tiny_pipe.config
+    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    latents = torch.randn(cfg.motion_frames + 1, *shape, generator=torch.Generator().manual_seed(3))
+    motion = latents[1:]
+    # the random tiny VAE's latents are near zero: give the reference one of unit scale, like a trained VAE's
+    cache = dataclasses.replace(tiny_pipe.prepare_reference(portrait), latent=latents[:1])
+    audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))
+
+    def distance(motion_latents, start, strength):
+        w = WindowInput(cache, audio, torch.zeros(cfg.frames_per_window), motion_latents, window_seed(0, 1))
+        out = tiny_pipe.denoise_windows([w], steps=1, strength=strength)[0]
+        return (out - start.expand_as(out)).norm() / start.expand_as(out).norm()
+
+    for motion_latents, start in ((motion, motion[-1:]), (None, cache.latent)):
+        near, cold = distance(motion_latents, start, 0.02), distance(motion_latents, start, 1.0)
+        assert near < 0.25 < 1.0 < cold, (near, cold)
+
+
+def test_model_strength_is_the_default_and_validated(tiny_pipe, portrait):
+    warm = AvatarPipeline(tiny_pipe.config.replace(strength=0.3), tiny_pipe.vae, tiny_pipe.reference_net,
+                          tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
+    assert np.array_equal(render(warm, portrait, seconds=0.2), render(tiny_pipe, portrait, seconds=0.2, strength=0.3))
+    assert not np.array_equal(render(warm, portrait, seconds=0.2), render(tiny_pipe, portrait, seconds=0.2))
+    with pytest.raises(EmoteError, match="strength"):
+        tiny_pipe.config.replace(strength=0.0).validate()
 
 
 def test_teacher_sampler_ddim_many_steps(tiny_pipe, portrait):

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from avatar.cli import strength_arg
 from avatar.errors import EmoteError
 
 
@@ -16,6 +17,8 @@ def register(subparsers) -> None:
         description="Render held-out clips in still-head mode and score lip sync, PSNR, SSIM, drift and flicker.")
     parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--strength", type=strength_arg, default=None,
+                        help="warm-start strength, 1 = from pure noise (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--data", default=None,
                         help="corpus directory whose test split is used (default: a built-in held-out set, "
@@ -32,8 +35,9 @@ def register(subparsers) -> None:
         "eval-table", help="compare models (teacher vs student) on held-out clips: a Markdown table and a still strip",
         description="Evaluate each --row on the same held-out clips (still-head mode) and write a Markdown table "
                     "(lip sync, PSNR/SSIM, drift, flicker, CPU fps) and a PNG strip of frames under the oracle's.")
-    table.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:STEPS[:GUIDANCE]",
-                       help="a model directory, its sampling steps and guidance scale (default 1); repeat per row")
+    table.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:STEPS[:GUIDANCE[:STRENGTH]]",
+                       help="a model directory, its sampling steps, guidance scale (default 1) and warm-start "
+                            "strength (default: the model's); repeat per row")
     table.add_argument("--data", default=None, help="corpus directory whose test split is used (default: built-in)")
     table.add_argument("--clips", type=int, default=None, help="score only the first N held-out clips")
     table.add_argument("--drift-seconds", type=float, default=120.0, help="long render for drift (0 skips it)")
@@ -54,8 +58,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.video is not None:
         if args.clip is None:
             raise EmoteError("--video needs --clip ID (which held-out clip the video renders)")
-        if args.model is not None or args.steps is not None:
-            raise EmoteError("--video scores an existing render; it cannot be combined with --model or --steps")
+        if args.model is not None or args.steps is not None or args.strength is not None:
+            raise EmoteError("--video scores an existing render; it cannot be combined with --model, --steps or --strength")
         if not Path(args.video).is_file():
             raise EmoteError(f"--video {args.video}: no such file")
     if args.steps is not None and args.steps < 1:
@@ -115,7 +119,8 @@ def run_eval(args: argparse.Namespace) -> int:
             clips = evaluate.load_eval_clips(args.data, args.clips, log=log)
             if not clips:
                 raise EmoteError("the corpus has no held-out (test) clips; write more hours or identities")
-            result = evaluate.evaluate_model(args.model, args.steps, clips, args.drift_seconds, args.seed, log)
+            result = evaluate.evaluate_model(args.model, args.steps, clips, args.drift_seconds, args.seed, log,
+                                                 strength=args.strength)
     except (FileNotFoundError, ValueError) as exc:
         raise _user_error(exc) from None
     print(json.dumps(result, sort_keys=True) if args.json else _summary(result))

@@ -27,29 +27,34 @@ class Row:
     model_dir: str
     steps: int
     guidance: float = 1.0
+    strength: float | None = None  # warm-start strength; None: the model's
 
     @classmethod
     def parse(cls, text: str) -> "Row":
-        """label=DIR:STEPS[:GUIDANCE]"""
+        """label=DIR:STEPS[:GUIDANCE[:STRENGTH]]"""
         label, sep, rest = text.partition("=")
         fields = rest.split(":")
         if not sep or not label or len(fields) < 2:
-            raise EmoteError(f"--row {text!r}: expected label=DIR:STEPS[:GUIDANCE]")
-        # DIR may hold colons: take GUIDANCE only when the last two fields are both numbers
-        if len(fields) >= 3 and _is_number(fields[-1]) and _is_number(fields[-2]):
-            model_dir, steps_text, guidance_text = ":".join(fields[:-2]), fields[-2], fields[-1]
-        else:
-            model_dir, steps_text, guidance_text = ":".join(fields[:-1]), fields[-1], "1"
+            raise EmoteError(f"--row {text!r}: expected label=DIR:STEPS[:GUIDANCE[:STRENGTH]]")
+        # DIR may hold colons: the numbers are the trailing numeric fields (at most three), DIR is the rest
+        count = 0
+        while count < 3 and count < len(fields) - 1 and _is_number(fields[-1 - count]):
+            count += 1
+        numbers = fields[len(fields) - max(count, 1):]
+        model_dir = ":".join(fields[: len(fields) - len(numbers)])
         try:
-            steps = int(steps_text)
-            guidance = float(guidance_text)
+            steps = int(numbers[0])
+            guidance = float(numbers[1]) if len(numbers) > 1 else 1.0
+            strength = float(numbers[2]) if len(numbers) > 2 else None
         except ValueError:
-            raise EmoteError(f"--row {text!r}: STEPS must be an integer and GUIDANCE a number") from None
+            raise EmoteError(f"--row {text!r}: STEPS must be an integer, GUIDANCE and STRENGTH numbers") from None
         if not model_dir:
             raise EmoteError(f"--row {text!r}: DIR is empty")
         if steps < 1 or not math.isfinite(guidance) or guidance < 1:
             raise EmoteError(f"--row {text!r}: STEPS must be at least 1 and GUIDANCE a finite number of at least 1")
-        return cls(label, model_dir, steps, guidance)
+        if strength is not None and not 0 < strength <= 1:
+            raise EmoteError(f"--row {text!r}: STRENGTH must be in (0, 1]")
+        return cls(label, model_dir, steps, guidance, strength)
 
 
 def _is_number(text: str) -> bool:
@@ -76,19 +81,20 @@ def evaluate_row(row: Row, clips: list[EvalClip], drift_seconds: float, seed: in
     from avatar.pipeline import AvatarPipeline
 
     pipe = AvatarPipeline.from_pretrained(row.model_dir, device="cpu")
+    strength = pipe.config.strength if row.strength is None else row.strength
     renders: list[tuple[np.ndarray, float]] = []  # (frames, seconds) per call: the clips first, then the drift
 
     def render(portrait: np.ndarray, audio: np.ndarray):
         start = time.perf_counter()
         frames = np.stack(list(pipe.render(portrait, audio, sample_rate=SAMPLE_RATE, steps=row.steps, seed=seed,
-                                           speed=0.0, guidance_scale=row.guidance)))
+                                           speed=0.0, guidance_scale=row.guidance, strength=strength)))
         renders.append((frames, time.perf_counter() - start))
         return frames
 
     result = evaluate_renderer(render, int(pipe.resolution), clips, drift_seconds, log)
     clip_renders = renders[: len(clips)]  # fps of the clips alone, so that rows with and without drift compare
     fps = sum(len(f) for f, _ in clip_renders) / max(sum(s for _, s in clip_renders), 1e-9)
-    result.update(label=row.label, model=row.model_dir, steps=row.steps, guidance=row.guidance,
+    result.update(label=row.label, model=row.model_dir, steps=row.steps, guidance=row.guidance, strength=strength,
                   resolution=int(pipe.resolution), cpu_fps=fps, sampler=pipe.config.sampler)
     return result, renders[0][0]
 
@@ -139,16 +145,17 @@ def label_column_width(labels: list[str]) -> int:
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ("| model | sampler | steps | guidance | lip-sync r | offset (frames) | PSNR (dB) | SSIM | drift | flicker "
-            "| CPU fps |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | sampler | steps | guidance | strength | lip-sync r | offset (frames) | PSNR (dB) | SSIM | drift "
+            "| flicker | CPU fps |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in results:
         drift = "n/a" if r.get("drift") is None else f"{r['drift']:.2f} ({r['drift_seconds']:.0f} s)"
         steps = r["steps"] or "-"
         guidance = f"{r['guidance']:g}" if r["guidance"] else "-"
+        strength = f"{r['strength']:g}" if r.get("strength") else "-"
         fps = "-" if r["cpu_fps"] is None else f"{r['cpu_fps']:.1f}"
         lines.append(
-            f"| {r['label']} | {r['sampler']} | {steps} | {guidance} | {r['lip_sync']['r']:.3f} | "
+            f"| {r['label']} | {r['sampler']} | {steps} | {guidance} | {strength} | {r['lip_sync']['r']:.3f} | "
             f"{r['lip_sync']['offset_frames']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {drift} | {r['flicker']:.3f} | "
             f"{fps} |")
     return head + "\n".join(lines) + "\n"
@@ -164,7 +171,9 @@ def compare(rows: list[Row], clips: list[EvalClip], drift_seconds: dict[str, flo
         log(f"eval-table: VAE ceiling ({rows[0].model_dir})")
         results.append(vae_ceiling(rows[0].model_dir, clips))
     for row in rows:
-        log(f"eval-table: {row.label} ({row.model_dir}, {row.steps} steps, guidance {row.guidance:g})")
+        strength = "the model's" if row.strength is None else f"{row.strength:g}"
+        log(f"eval-table: {row.label} ({row.model_dir}, {row.steps} steps, guidance {row.guidance:g}, "
+            f"strength {strength})")
         result, frames = evaluate_row(row, clips, drift_seconds.get(row.label, 0.0), seed, log)
         results.append(result)
         strip_rows.append((f"{row.label} ({row.steps})", frames))

@@ -159,17 +159,20 @@ def evaluate_renderer(render: Renderer, size: int, clips: list[EvalClip], drift_
 
 
 def evaluate_model(model_dir: str | None, steps: int | None, clips: list[EvalClip], drift_seconds: float = 120.0,
-                   seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+                   seed: int = 0, log: Callable[[str], None] | None = None, strength: float | None = None) -> dict:
     from avatar.pipeline import AvatarPipeline
 
     pipe = AvatarPipeline.from_pretrained(model_dir, device="cpu")
     steps = steps or pipe.default_steps
+    strength = pipe.config.strength if strength is None else strength
 
     def render(portrait: np.ndarray, audio: np.ndarray) -> Iterable[np.ndarray]:
-        return pipe.render(portrait, audio, sample_rate=SAMPLE_RATE, steps=steps, seed=seed, speed=0.0)
+        return pipe.render(portrait, audio, sample_rate=SAMPLE_RATE, steps=steps, seed=seed, speed=0.0,
+                           strength=strength)
 
     result = evaluate_renderer(render, int(pipe.resolution), clips, drift_seconds, log)
-    result.update(model=model_dir or "bundled default", steps=int(steps), resolution=int(pipe.resolution))
+    result.update(model=model_dir or "bundled default", steps=int(steps), strength=float(strength),
+                  resolution=int(pipe.resolution))
     return result
 
 
