@@ -38,8 +38,9 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0) -> dict:
+def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0, strength: float | None = None) -> dict:
     cfg = pipe.config
+    strength = cfg.strength if strength is None else strength
     device = pipe.device
     f, m = cfg.frames_per_window, cfg.motion_frames
     rng = np.random.default_rng(seed)
@@ -58,7 +59,7 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0)
 
     def window(steps_: int) -> torch.Tensor:
         w = WindowInput(reference, contexts, torch.full((f,), cfg.default_speed), motion_latents, window_seed(seed, 0))
-        return pipe.denoise_windows([w], steps=steps_)
+        return pipe.denoise_windows([w], steps=steps_, strength=strength)
 
     one_step_s = _timed(lambda: window(1), device, repeats) - motion_s
     latents = window(steps)[0]
@@ -79,7 +80,7 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0)
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "steps": steps,
-        "strength": cfg.strength,
+        "strength": strength,
         "frames_per_window": f,
         "motion_frames": m,
         "threads": torch.get_num_threads(),

@@ -68,6 +68,7 @@ def add_bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--preset", default=None, help="benchmark a preset with random weights instead of --model")
     add_model_options(bench)
     bench.add_argument("--steps", type=_steps, default=None)
+    bench.add_argument("--strength", type=strength_arg, default=None, help="warm-start strength (default: the model's)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--json", action="store_true", help="print one JSON line (the default prints it indented)")
@@ -114,6 +115,6 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise EmoteError("--repeats must be at least 1")
     pipe = load_pipeline(args.model, args.device, args.dtype, preset=args.preset)
-    result = bench(pipe, steps=args.steps or pipe.default_steps, repeats=args.repeats)
+    result = bench(pipe, steps=args.steps or pipe.default_steps, repeats=args.repeats, strength=args.strength)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0

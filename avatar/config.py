@@ -128,7 +128,10 @@ class ModelConfig:
         if unknown:
             raise EmoteError(f"unknown model config keys: {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values).validate()
+        try:
+            return cls(**values).validate()
+        except TypeError as exc:  # a value of the wrong type, e.g. a string where a number belongs
+            raise EmoteError(f"invalid model config: {exc}") from None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

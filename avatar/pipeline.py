@@ -72,6 +72,7 @@ class AvatarPipeline:
         self.backbone = _place(backbone, self.device, dtype)
         self.audio_encoder = _place(audio_encoder, self.device, torch.float32)  # audio features stay float32
         self.scheduler = scheduler
+        fresh_scheduler(scheduler, self.config.default_steps, strength=self.config.strength)  # fail at load, not later
         self.trained = trained
         self._model_id: str | None = None
 
@@ -242,7 +243,8 @@ class AvatarPipeline:
         shape = (frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         if strength < 1.0:
-            starts = torch.stack([_warm_start_latent(w, frames) for w in windows]).to(self.device, self.dtype)
+            # motion latents may live on the CPU (the streaming engine keeps them there), the reference on the device
+            starts = torch.stack([_warm_start_latent(w, frames).to(self.device, self.dtype) for w in windows])
             latents = scheduler.add_noise(starts, latents, scheduler.timesteps[:1])
         else:
             latents = latents * scheduler.init_noise_sigma

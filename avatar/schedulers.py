@@ -1,7 +1,7 @@
 """Diffusers schedulers: DDIM for the many-step teacher, LCM for the distilled 1-4 step student."""
 from __future__ import annotations
 
-import math
+import torch
 
 from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -48,10 +48,16 @@ def fresh_scheduler(template: SchedulerMixin, steps: int, device=None, strength:
                              f"leaves {usable} of its points, so use at most {usable} steps, not {steps}")
         scheduler.set_timesteps(steps, device=device, strength=strength)
         return scheduler
-    spaced = math.ceil(steps / strength)  # the full schedule whose tail below `strength` has `steps` timesteps
-    if spaced > scheduler.config.num_train_timesteps:
-        raise EmoteError(f"{steps} steps at strength {strength:g} need more than {scheduler.config.num_train_timesteps} "
-                         "training timesteps")
-    scheduler.set_timesteps(spaced, device=device)
-    scheduler.timesteps = scheduler.timesteps[-steps:]
+    if strength == 1:
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
+    # DDIM warm start: `steps` timesteps from t = strength * T - 1 down, spaced by the gap DDIMScheduler.step assumes
+    # (T // num_inference_steps), with num_inference_steps the smallest full schedule whose gap lets them all fit.
+    total = scheduler.config.num_train_timesteps
+    start = round(strength * total)
+    if steps > start:
+        raise EmoteError(f"{steps} steps do not fit below t = {start} (strength {strength:g})")
+    scheduler.set_timesteps(-(-total * steps // start), device=device)
+    gap = total // scheduler.num_inference_steps
+    scheduler.timesteps = torch.tensor([start - 1 - k * gap for k in range(steps)], device=device)
     return scheduler

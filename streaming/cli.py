@@ -10,8 +10,8 @@ MAX_SESSIONS = 256
 
 
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
-    """Streaming options of `emote bench`; the model options (--preset, --model, --device, --steps, --json) come
-    from avatar.cli.add_bench_options."""
+    """Streaming options of `emote bench`; the model options (--preset, --model, --device, --steps, --strength,
+    --json) come from avatar.cli.add_bench_options."""
     parser.add_argument("--streaming", action="store_true", help="benchmark live sessions end to end")
     parser.add_argument("--sessions", type=int, default=1, help="concurrent sessions (with --streaming)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of speech per session (with --streaming)")
@@ -34,7 +34,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.window_frames is not None and args.window_frames < 1:
         raise EmoteError(f"--window-frames must be at least 1, got {args.window_frames}")
     pipe = load_pipeline(args.model, args.device, args.dtype, preset=args.preset)
-    config = StreamConfig(steps=args.steps, frames_per_window=args.window_frames,
+    config = StreamConfig(steps=args.steps, strength=args.strength, frames_per_window=args.window_frames,
                           context_lookahead_frames=args.context_lookahead)
     config.resolve(pipe.config)  # bad values -> EmoteError before anything starts
     result = asyncio.run(bench_streaming(pipe, args.sessions, args.seconds, config))

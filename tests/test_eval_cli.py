@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def emote(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def emote(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,3 +151,12 @@ def test_eval_table_row_fields(text, expected):
 
     row = Row.parse(text)
     assert (row.model_dir, row.steps, row.guidance, row.strength) == expected
+
+
+def test_eval_table_checks_every_rows_sampler_before_evaluating(tiny_model_dir, tmp_path):
+    result = emote("eval-table", "--row", f"a={tiny_model_dir}:2", "--row", f"b={tiny_model_dir}:20:1:0.3",
+                   env={"EMOTE_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--row b:" in lines[0] and "at most 15 steps" in lines[0], lines
+    assert not any(tmp_path.iterdir()), "nothing was evaluated (the held-out set was not even built)"

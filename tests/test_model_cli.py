@@ -151,9 +151,11 @@ def test_render_with_silence_too_short_for_a_frame(tiny_model_dir, media_files, 
 
 
 def test_bench_prints_stage_timings_as_json(capsys):
-    code, out, err = run_cli(["bench", "--preset", "tiny", "--steps", "2", "--repeats", "1", "--json"], capsys)
+    code, out, err = run_cli(["bench", "--preset", "tiny", "--steps", "2", "--strength", "0.5", "--repeats", "1",
+                              "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
+    assert result["steps"] == 2 and result["strength"] == 0.5
     for stage in ("audio_encode", "motion_reference", "unet_step", "vae_decode", "window_total"):
         assert result["ms_per_frame"][stage] > 0
     assert result["fps"] > 0 and result["peak_memory_mb"] > 0

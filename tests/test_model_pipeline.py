@@ -113,6 +113,8 @@ def test_guidance_runs_three_backbone_passes_per_step(tiny_pipe, portrait):
     ("lcm", 2, 0.5, [499, 299]),
     ("lcm", 2, 1.0, [999, 499]),
     ("ddim", 2, 0.5, [499, 249]),
+    ("ddim", 1, 0.7, [699]),
+    ("ddim", 3, 0.7, [699, 499, 299]),
     ("ddim", 4, 1.0, [999, 749, 499, 249]),
 ])
 def test_strength_starts_the_schedule_later_with_the_same_step_count(sampler, steps, strength, expected):
@@ -124,7 +126,9 @@ def test_strength_starts_the_schedule_later_with_the_same_step_count(sampler, st
 def test_ddim_warm_start_keeps_the_many_step_spacing():
     scheduler = fresh_scheduler(build_scheduler(get_preset("tiny"), "ddim"), 25, strength=0.5)
     timesteps = scheduler.timesteps.tolist()
-    assert len(timesteps) == 25 and max(timesteps) < 500 and timesteps == sorted(timesteps, reverse=True)
+    assert len(timesteps) == 25 and timesteps[0] == 499 and timesteps[-1] >= 0
+    # DDIMScheduler.step takes the previous timestep as t - T // num_inference_steps: the gap must be that
+    assert {a - b for a, b in zip(timesteps, timesteps[1:])} == {1000 // scheduler.num_inference_steps}
 
 
 @pytest.mark.parametrize("steps, strength, message", [
@@ -158,6 +162,18 @@ def test_warm_start_begins_at_the_previous_frame(tiny_pipe, portrait):
         assert near < 0.25 < 1.0 < cold, (near, cold)
 
 
+def test_warm_start_batches_first_and_later_windows_like_alone(tiny_pipe, portrait):
+    cfg = tiny_pipe.config
+    cache = tiny_pipe.prepare_reference(portrait)
+    audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))
+    motion = torch.randn(cfg.motion_frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size, dtype=torch.float64)
+    first = WindowInput(cache, audio, torch.zeros(cfg.frames_per_window), None, window_seed(0, 0))
+    later = WindowInput(cache, audio, torch.zeros(cfg.frames_per_window), motion, window_seed(1, 5))
+    both = tiny_pipe.denoise_windows([first, later], steps=1, strength=0.5)
+    assert torch.allclose(both[0], tiny_pipe.denoise_windows([first], steps=1, strength=0.5)[0], atol=1e-5)
+    assert torch.allclose(both[1], tiny_pipe.denoise_windows([later], steps=1, strength=0.5)[0], atol=1e-5)
+
+
 def test_model_strength_is_the_default_and_validated(tiny_pipe, portrait):
     warm = AvatarPipeline(tiny_pipe.config.replace(strength=0.3), tiny_pipe.vae, tiny_pipe.reference_net,
                           tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
@@ -165,6 +181,11 @@ def test_model_strength_is_the_default_and_validated(tiny_pipe, portrait):
     assert not np.array_equal(render(warm, portrait, seconds=0.2), render(tiny_pipe, portrait, seconds=0.2))
     with pytest.raises(EmoteError, match="strength"):
         tiny_pipe.config.replace(strength=0.0).validate()
+    with pytest.raises(EmoteError, match="invalid model config"):
+        type(tiny_pipe.config).from_dict({**tiny_pipe.config.to_dict(), "strength": "half"})
+    with pytest.raises(EmoteError, match="at most 1 steps"):  # 2 default steps cannot fit a 10-point grid below 0.15
+        AvatarPipeline(tiny_pipe.config.replace(strength=0.15), tiny_pipe.vae, tiny_pipe.reference_net,
+                       tiny_pipe.backbone, tiny_pipe.audio_encoder, build_scheduler(tiny_pipe.config, lcm_grid=10))
 
 
 def test_teacher_sampler_ddim_many_steps(tiny_pipe, portrait):

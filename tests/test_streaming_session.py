@@ -475,3 +475,29 @@ async def test_a_failing_model_call_skips_its_window_and_the_engine_keeps_going(
         await engine.stop()
 
     await clock.run(body())
+
+
+async def test_stream_strength_defaults_to_the_models_and_reaches_the_model_call():
+    clock = FakeClock()
+    inner = tiny()
+    inner.config = inner.config.replace(strength=0.4)
+    assert StreamConfig().resolve(inner.config).strength == 0.4
+    assert StreamConfig(strength=1.0).resolve(inner.config).strength == 1.0
+    with pytest.raises(EmoteError, match="strength"):
+        StreamConfig(strength=0.0).resolve(inner.config)
+    seen = []
+
+    class Recording(StubPipeline):
+        def denoise_windows(self, windows, steps=None, **kwargs):
+            seen.append(kwargs.get("strength"))
+            return super().denoise_windows(windows, steps, **kwargs)
+
+    async def body():
+        engine = await started_engine(Recording(inner), clock, strength=0.7)
+        session = await engine.open_session("a")
+        session.push_audio(speech(0.5))
+        await collect(session, 10)
+        await engine.stop()
+
+    await clock.run(body())
+    assert seen and set(seen) == {0.7}

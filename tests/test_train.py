@@ -208,6 +208,9 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         ["train", "--stage", "3", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "/nonexistent/model"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--resume", "--preset", "tiny"],
         ["train", "--stage", "4", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "1"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "5"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "ears"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "backbone",
          "--freeze", "reference_net"],
@@ -240,3 +243,30 @@ def test_cli_train_writes_a_loadable_model(corpus, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     pipe = AvatarPipeline.from_pretrained(out / "model")
     assert pipe.config.sampler == "ddim"
+
+
+def test_grown_attention_starts_as_the_trained_model_then_trains(corpus, tmp_path, portrait):
+    """Attention added at the tiny preset's full-resolution level (it has none there): same outputs as before,
+    and stage 1 trains the new blocks."""
+    from avatar.grow import grow_attention
+    from avatar.pipeline import WindowInput, window_seed
+    from conftest import speech_like
+
+    pipe = AvatarPipeline.from_config("tiny", seed=3)
+    for module in pipe.backbone.modules():  # a trained model's zero-initialised outputs are not zero any more
+        if isinstance(module, torch.nn.Linear) and module.weight.abs().sum() == 0:
+            torch.nn.init.normal_(module.weight, std=0.05)
+    grown = grow_attention(pipe, [0])
+    assert pipe.config.attention_levels == (False, True) and grown.config.attention_levels == (True, True)
+    new = {n for n, _ in grown.backbone.named_parameters()} - {n for n, _ in pipe.backbone.named_parameters()}
+    assert new and all(n.startswith("body.down.0.") or n.startswith("body.up.1.") for n in new), sorted(new)[:4]
+
+    def window(p):
+        cache = p.prepare_reference(portrait)
+        audio = p.audio_windows(p.encode_audio(speech_like(0.16)))
+        motion = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        return p.denoise_windows([WindowInput(cache, audio, torch.zeros(4), motion, window_seed(0, 1))], steps=2)
+
+    assert torch.allclose(window(grown), window(pipe), atol=1e-5)
+    _, _, changed = overfit(build_objective("1", grown), corpus, tmp_path, steps=3, lr=2e-3)
+    assert {f"backbone.{n}" for n in new} & changed

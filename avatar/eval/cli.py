@@ -59,7 +59,8 @@ def _check(args: argparse.Namespace) -> None:
         if args.clip is None:
             raise EmoteError("--video needs --clip ID (which held-out clip the video renders)")
         if args.model is not None or args.steps is not None or args.strength is not None:
-            raise EmoteError("--video scores an existing render; it cannot be combined with --model, --steps or --strength")
+            raise EmoteError("--video scores an existing render; it cannot be combined with --model, --steps or "
+                             "--strength")
         if not Path(args.video).is_file():
             raise EmoteError(f"--video {args.video}: no such file")
     if args.steps is not None and args.steps < 1:
@@ -128,7 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_eval_table(args: argparse.Namespace) -> int:
-    from avatar.eval.compare import Row
+    from avatar.eval.compare import Row, check_row
 
     rows = [Row.parse(text) for text in args.row]
     labels = [row.label for row in rows]
@@ -148,6 +149,8 @@ def run_eval_table(args: argparse.Namespace) -> int:
             raise EmoteError(f"{flag} {path}: is a directory, not a file")
         if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
             raise EmoteError(f"{flag} {path}: the directory {path.parent} does not exist or is not writable")
+    for row in rows:
+        check_row(row)
 
     import io
 

@@ -57,6 +57,19 @@ class Row:
         return cls(label, model_dir, steps, guidance, strength)
 
 
+def check_row(row: Row) -> None:
+    """Load the row's model and set up its sampler, so that a bad STEPS/STRENGTH fails before any row is evaluated."""
+    from avatar.pipeline import AvatarPipeline
+    from avatar.schedulers import fresh_scheduler
+
+    pipe = AvatarPipeline.from_pretrained(row.model_dir, device="cpu")
+    strength = pipe.config.strength if row.strength is None else row.strength
+    try:
+        fresh_scheduler(pipe.scheduler, row.steps, strength=strength)
+    except EmoteError as exc:
+        raise EmoteError(f"--row {row.label}: {exc}") from None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

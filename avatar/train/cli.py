@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     train.add_argument("--freeze", action="append", default=[], metavar="COMPONENT",
                        help="keep this network fixed where the stage would train it, e.g. a pretrained audio_encoder "
                             "in stage 2 (repeatable)")
+    train.add_argument("--grow-attention", action="append", type=int, default=[], metavar="LEVEL",
+                       help="add spatial attention (reference and audio) at this UNet level of the --init model, "
+                            "0 = full latent resolution; new blocks start as the identity (repeatable)")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -93,6 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
+    if args.grow_attention and args.init is None:
+        raise EmoteError("--grow-attention adds layers to a trained model: pass --init DIR")
     from avatar.config import get_preset
 
     preset = args.preset or "default"
@@ -100,7 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import train_stage
 
     _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
-                        limit_windows=args.limit_windows, frozen=tuple(args.freeze)))
+                        limit_windows=args.limit_windows, frozen=tuple(args.freeze),
+                        grow_attention_levels=tuple(args.grow_attention)))
     return 0
 
 

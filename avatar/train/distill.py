@@ -126,7 +126,7 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     if num_inference_steps > grid:
         raise EmoteError(f"--num-inference-steps {num_inference_steps} exceeds the {grid} points of the "
                          f"--skip {skip} grid")
-    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps,
+    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps, strength=1.0,
                                       min_steps=min(pipe.config.min_steps, num_inference_steps)).validate()
     # The student samples on the grid it was trained on: LCMScheduler's origin timesteps are T/n - 1, 2T/n - 1, ...
     pipe.scheduler = build_scheduler(pipe.config, lcm_grid=grid)

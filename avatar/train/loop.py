@@ -354,17 +354,20 @@ def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: in
 
 
 def as_teacher(pipe) -> None:
-    """Stage outputs are many-step teachers: DDIM sampling, TEACHER_STEPS steps by default."""
+    """Stage outputs are many-step teachers: DDIM sampling from pure noise, TEACHER_STEPS steps by default."""
     from avatar.schedulers import build_scheduler
 
-    pipe.config = pipe.config.replace(sampler="ddim", default_steps=TEACHER_STEPS, min_steps=1)
+    pipe.config = pipe.config.replace(sampler="ddim", default_steps=TEACHER_STEPS, min_steps=1, strength=1.0)
     pipe.scheduler = build_scheduler(pipe.config)
 
 
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
-                preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = ()) -> LoopResult:
+                preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
+                grow_attention_levels: tuple[int, ...] = ()) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), starting from `init` (a model directory) or a
-    fresh `preset`; the components in `frozen` keep their weights."""
+    fresh `preset`; the components in `frozen` keep their weights; `grow_attention_levels` adds spatial attention
+    at those UNet levels of `init` first (avatar/grow.py)."""
+    from avatar.grow import grow_attention
     from avatar.pipeline import AvatarPipeline
 
     from .stages import build_objective
@@ -375,6 +378,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
     else:
         pipe = AvatarPipeline.from_config(preset, seed=settings.seed)
+    if grow_attention_levels:
+        if init is None:
+            raise EmoteError("growing attention continues a trained model: pass --init DIR")
+        pipe = grow_attention(pipe, grow_attention_levels, seed=settings.seed)
     as_teacher(pipe)
     objective = build_objective(stage, pipe, frozen)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
