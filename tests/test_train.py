@@ -270,3 +270,14 @@ def test_grown_attention_starts_as_the_trained_model_then_trains(corpus, tmp_pat
     assert torch.allclose(window(grown), window(pipe), atol=1e-5)
     _, _, changed = overfit(build_objective("1", grown), corpus, tmp_path, steps=3, lr=2e-3)
     assert {f"backbone.{n}" for n in new} & changed
+
+
+def test_resume_with_another_architecture_is_a_clear_error(corpus, tmp_path, capsys):
+    AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "init")
+    common = ["train", "--stage", "1", "--init", str(tmp_path / "init"), "--data", str(corpus), "--out",
+              str(tmp_path / "grown"), "--batch-size", "1", "--limit-windows", "2", "--quiet"]
+    assert emote([*common, "--steps", "2", "--grow-attention", "0"]) == 0
+    capsys.readouterr()
+    assert emote([*common, "--steps", "3", "--resume"]) == 2  # the first run grew attention, this one does not
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--grow-attention" in err and "Traceback" not in err, err

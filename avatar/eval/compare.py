@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -58,14 +59,20 @@ class Row:
 
 
 def check_row(row: Row) -> None:
-    """Load the row's model and set up its sampler, so that a bad STEPS/STRENGTH fails before any row is evaluated."""
-    from avatar.pipeline import AvatarPipeline
-    from avatar.schedulers import fresh_scheduler
+    """Read the row's model config and sampler (not its weights), so that a bad STEPS/STRENGTH fails before any row
+    is evaluated."""
+    from avatar.checkpoint import read_index
+    from avatar.config import ModelConfig
+    from avatar.schedulers import SCHEDULER_CLASSES, fresh_scheduler
 
-    pipe = AvatarPipeline.from_pretrained(row.model_dir, device="cpu")
-    strength = pipe.config.strength if row.strength is None else row.strength
+    cfg = ModelConfig.from_dict(read_index(row.model_dir)["model"])
     try:
-        fresh_scheduler(pipe.scheduler, row.steps, strength=strength)
+        scheduler = SCHEDULER_CLASSES[cfg.sampler].from_pretrained(Path(row.model_dir) / "scheduler")
+    except (OSError, ValueError) as exc:
+        raise EmoteError(f"--row {row.label}: cannot read the sampler of {row.model_dir} "
+                         f"({exc.__class__.__name__})") from None
+    try:
+        fresh_scheduler(scheduler, row.steps, strength=cfg.strength if row.strength is None else row.strength)
     except EmoteError as exc:
         raise EmoteError(f"--row {row.label}: {exc}") from None
 

@@ -227,7 +227,11 @@ def run_loop(
     accelerator.register_for_checkpointing(lr_scheduler, ema, counter)
 
     if s.resume:
-        accelerator.load_state(str(state_dir))
+        try:
+            accelerator.load_state(str(state_dir))
+        except RuntimeError as exc:  # torch's state-dict mismatch: another architecture or trainable set
+            raise EmoteError(f"--resume: the state in {state_dir} does not fit this model; resume with the first "
+                             f"run's --init, --freeze and --grow-attention ({str(exc).splitlines()[0]})") from None
         if accelerator.is_main_process:
             truncate_log(log_path, counter.step)
     start_step = counter.step
