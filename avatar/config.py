@@ -28,6 +28,10 @@ class ModelConfig:
     vae_block_out_channels: tuple[int, ...] = (32, 32, 32, 32)  # len - 1 = number of 2x downsamplings
     vae_blocks_per_level: int = 1
     latent_channels: int = 4
+    # AutoencoderTiny only: a wider/deeper encoder than the decoder (0 = the decoder's). The encoder runs once per
+    # portrait when serving (motion frames stay latents), the decoder once per frame, so width costs only in training.
+    vae_encoder_channels: int = 0
+    vae_encoder_blocks_per_level: int = 0
 
     # Denoising backbone and ReferenceNet share this layout.
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -104,6 +108,10 @@ class ModelConfig:
                 problems.append(f"channel count {ch} must divide by norm groups and head counts")
         if self.vae_type not in ("tiny", "kl"):
             problems.append(f"unknown vae_type {self.vae_type!r}")
+        if self.vae_encoder_channels < 0 or self.vae_encoder_blocks_per_level < 0:
+            problems.append("vae_encoder_channels and vae_encoder_blocks_per_level must be >= 0 (0 = the decoder's)")
+        elif self.vae_type != "tiny" and (self.vae_encoder_channels or self.vae_encoder_blocks_per_level):
+            problems.append("vae_encoder_channels and vae_encoder_blocks_per_level apply to the tiny autoencoder only")
         if self.audio_encoder not in ("mel", "wav2vec2"):
             problems.append(f"unknown audio_encoder {self.audio_encoder!r}")
         if self.sampler not in ("lcm", "ddim"):

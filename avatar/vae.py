@@ -21,10 +21,12 @@ def vae_kwargs(cfg: ModelConfig) -> dict:
         if len(set(cfg.vae_block_out_channels)) != 1:
             raise ValueError("AutoencoderTiny needs equal vae_block_out_channels at every level")
         n = cfg.vae_blocks_per_level
+        encoder_width = cfg.vae_encoder_channels or cfg.vae_block_out_channels[0]
+        encoder_blocks = cfg.vae_encoder_blocks_per_level or n
         return dict(
-            encoder_block_out_channels=tuple(cfg.vae_block_out_channels),
+            encoder_block_out_channels=(encoder_width,) * levels,
             decoder_block_out_channels=tuple(cfg.vae_block_out_channels),
-            num_encoder_blocks=(1,) + (n,) * (levels - 1),
+            num_encoder_blocks=(1,) + (encoder_blocks,) * (levels - 1),
             num_decoder_blocks=(n,) * (levels - 1) + (1,),
             latent_channels=cfg.latent_channels,
         )

@@ -49,6 +49,32 @@ def test_vae_round_trip_shapes(tiny_pipe):
     assert decoded.min() >= -1 and decoded.max() <= 1
 
 
+def test_wider_encoder_than_decoder_saves_and_loads(tmp_path, portrait):
+    """vae_encoder_channels / vae_encoder_blocks_per_level widen only the encoder; the latent space's shape and the
+    decoder stay, and the model directory round-trips."""
+    from avatar.pipeline import AvatarPipeline
+
+    cfg = get_preset("tiny").replace(vae_encoder_channels=24, vae_encoder_blocks_per_level=2)
+    pipe = AvatarPipeline.from_config(cfg, seed=0)
+    narrow = AvatarPipeline.from_config("tiny", seed=0)
+    assert pipe.vae.config.encoder_block_out_channels == (24, 24, 24)
+    assert pipe.vae.config.num_encoder_blocks == (1, 2, 2)
+    assert count(pipe.vae.encoder) > 4 * count(narrow.vae.encoder)
+    assert count(pipe.vae.decoder) == count(narrow.vae.decoder)
+    pipe.save_pretrained(tmp_path / "wide")
+    loaded = AvatarPipeline.from_pretrained(tmp_path / "wide")
+    assert loaded.config == cfg
+    assert all(torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), pipe.vae.state_dict().values()))
+    assert len(list(loaded.render(portrait, np.zeros(SAMPLES_PER_FRAME * 4, np.float32)))) == 4
+
+
+def test_encoder_width_is_checked():
+    with pytest.raises(EmoteError, match="tiny autoencoder only"):
+        get_preset("sd15").replace(vae_encoder_channels=64).validate()
+    with pytest.raises(EmoteError, match=">= 0"):
+        get_preset("tiny").replace(vae_encoder_blocks_per_level=-1).validate()
+
+
 def test_reference_net_records_bank_and_slot_outputs(tiny_pipe, portrait):
     cache = tiny_pipe.prepare_reference(portrait)
     cfg = tiny_pipe.config

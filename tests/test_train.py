@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import default_collate
 
 from avatar.errors import EmoteError
+from avatar.grow import grow_attention
 from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
 from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_loop, train_stage
@@ -196,6 +197,29 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
 
 
+def test_warm_start_distillation_trains_where_the_student_samples(staged, corpus, tmp_path):
+    """--strength s keeps the first int(n s) grid points, LCMScheduler.set_timesteps(strength=s)'s; --student starts
+    the student and its target from another model's backbone while the teacher stays the teacher."""
+    pipe = staged[0]
+    other = AvatarPipeline.from_config("tiny", seed=7)
+    objective = ConsistencyDistillation(pipe, skip=100, guidance=2.0, strength=0.5, student_backbone=other.backbone)
+    assert objective.grid.tolist() == [99, 199, 299, 399, 499]
+    for net in (objective.backbone, objective.target):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.backbone.state_dict().values()))
+    assert not torch.equal(next(objective.teacher.parameters()), next(other.backbone.parameters()))
+
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "start"
+    pipe.save_pretrained(teacher_dir)
+    other.save_pretrained(student_dir)
+    settings = LoopSettings(out=tmp_path / "student", steps=2, batch_size=1, lr=1e-4, save_every=10**6, progress=False)
+    result = distill(teacher_dir, corpus, settings, num_inference_steps=1, skip=100, guidance=2.0, limit_windows=2,
+                     strength=0.5, student=student_dir)
+    student = AvatarPipeline.from_pretrained(result.model_dir)
+    assert (student.config.default_steps, student.config.strength) == (1, 0.5)
+    frames = list(student.render(np.full((32, 32, 3), 128, np.uint8), np.zeros(16000 // 5, np.float32)))
+    assert len(frames) == 5
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -220,12 +244,22 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "30"],
         ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "500",
          "--num-inference-steps", "3"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--strength", "0"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "100",
+         "--strength", "0.05"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--skip", "100",
+         "--strength", "0.2", "--num-inference-steps", "3"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--student", "/nonexistent"],
+        ["distill", "--teacher", "{teacher}", "--data", "{corpus}", "--out", "{tmp}/o", "--student", "{grown}"],
     ],
 )
 def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
     if "{teacher}" in argv:  # a loadable teacher, so that the error is the option's
         AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "teacher")
-    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher") for a in argv]
+    if "{grown}" in argv:  # a student of another architecture than the teacher's
+        grow_attention(AvatarPipeline.from_config("tiny", seed=0), [0]).save_pretrained(tmp_path / "grown")
+    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown")
+            for a in argv]
     try:
         code = emote(argv)
     except SystemExit as exc:
@@ -248,7 +282,6 @@ def test_cli_train_writes_a_loadable_model(corpus, tmp_path, capsys):
 def test_grown_attention_starts_as_the_trained_model_then_trains(corpus, tmp_path, portrait):
     """Attention added at the tiny preset's full-resolution level (it has none there): same outputs as before,
     and stage 1 trains the new blocks."""
-    from avatar.grow import grow_attention
     from avatar.pipeline import WindowInput, window_seed
     from conftest import speech_like
 

@@ -50,6 +50,10 @@ def register(subparsers) -> None:
     distill.add_argument("--num-inference-steps", type=int, default=2, help="the student's default steps (1-8)")
     distill.add_argument("--skip", type=int, default=20, help="DDIM solver skip in training timesteps, a divisor of 1000 (LCM: 20; 100 converges faster for 1-2 steps)")
     distill.add_argument("--guidance", type=float, default=2.0, help="teacher guidance folded into the student (>= 1)")
+    distill.add_argument("--strength", type=float, default=1.0,
+                         help="the student's warm-start strength (0-1]: train only on the grid points it samples from")
+    distill.add_argument("--student", type=Path, default=None,
+                         help="start the student from this model's backbone (default: the teacher's)")
     distill.set_defaults(func=run_distill)
 
 
@@ -118,9 +122,14 @@ def run_distill(args: argparse.Namespace) -> int:
         raise EmoteError(f"--num-inference-steps must be between 1 and 8, got {args.num_inference_steps}")
     if not 1 <= args.guidance <= 20:
         raise EmoteError(f"--guidance must be between 1 and 20, got {args.guidance}")
+    if not 0 < args.strength <= 1:
+        raise EmoteError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.student is not None and not args.student.exists():
+        raise EmoteError(f"--student {args.student} does not exist")
     from .distill import distill
 
     result = distill(args.teacher, args.data, settings, num_inference_steps=args.num_inference_steps,
-                     skip=args.skip, guidance=args.guidance, limit_windows=args.limit_windows)
+                     skip=args.skip, guidance=args.guidance, limit_windows=args.limit_windows,
+                     strength=args.strength, student=args.student)
     _report(result)
     return 0

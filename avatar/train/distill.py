@@ -14,6 +14,12 @@ Per training window:
 Guidance is folded in at one fixed w (`--guidance`) rather than through a w-embedding: a w-embedding would need a new
 input in EmoBackbone. The student therefore samples with guidance 1 (one backbone pass per step) and behaves like
 the teacher at scale w. The student's EMA target is the model that is exported, with the LCM scheduler.
+
+A student that will sample warm-started at `strength` s (each window from the previous one's latent noised to about
+s T, `AvatarPipeline.denoise_windows`) only ever runs at grid points up to s T: `--strength` trains on those points
+alone, so all of a short run goes where the student samples, and the student is exported with that strength.
+`--student` starts the student (and its target) from another student's backbone instead of the teacher's, to
+continue a distillation with new settings.
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ def x0_and_eps(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tenso
 class ConsistencyDistillation(PipelineModules):
     """Student (trained), teacher (frozen) and target (EMA of the student) backbones over one frozen pipeline."""
 
-    def __init__(self, teacher_pipe, skip: int, guidance: float):
+    def __init__(self, teacher_pipe, skip: int, guidance: float, strength: float = 1.0, student_backbone=None):
         super().__init__(teacher_pipe, stage="distill")
         cfg = teacher_pipe.config
         if not 1 <= skip < cfg.num_train_timesteps or cfg.num_train_timesteps % skip:
@@ -66,9 +72,17 @@ class ConsistencyDistillation(PipelineModules):
         self.window_frames = cfg.motion_frames + cfg.frames_per_window
         self.audio_context = AUDIO_HISTORY_FRAMES + cfg.audio_context_frames
         self.teacher = copy.deepcopy(teacher_pipe.backbone).requires_grad_(False)
-        self.target = copy.deepcopy(teacher_pipe.backbone).requires_grad_(False)
-        # grid of DDIM solver points: skip-1, 2 skip-1, ..., the last one T-1 (as LCMScheduler's origin timesteps)
-        self.register_buffer("grid", torch.arange(skip - 1, cfg.num_train_timesteps, skip), persistent=False)
+        if student_backbone is not None:
+            self.backbone.load_state_dict(student_backbone.state_dict())
+        self.target = copy.deepcopy(self.backbone).requires_grad_(False)
+        # grid of DDIM solver points: skip-1, 2 skip-1, ..., T-1 (LCMScheduler's origin timesteps); at strength s only
+        # the first int(n s) of the n points, which are LCMScheduler.set_timesteps(strength=s)'s
+        points = cfg.num_train_timesteps // skip
+        if not 0 < strength <= 1 or int(points * strength) < 1:
+            raise EmoteError(f"--strength must be in (0, 1] and keep at least one of the {points} grid points, "
+                             f"got {strength}")
+        grid = torch.arange(skip - 1, cfg.num_train_timesteps, skip)[: int(points * strength)]
+        self.register_buffer("grid", grid, persistent=False)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
@@ -110,9 +124,11 @@ class ConsistencyDistillation(PipelineModules):
 
 
 def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_inference_steps: int = 2,
-            skip: int = 20, guidance: float = 2.0, limit_windows: int | None = None) -> LoopResult:
-    """Distil `teacher` (a model directory) into a student saved under `settings.out / "model"` with the LCM sampler
-    and `num_inference_steps` default steps."""
+            skip: int = 20, guidance: float = 2.0, limit_windows: int | None = None, strength: float = 1.0,
+            student: str | Path | None = None) -> LoopResult:
+    """Distil `teacher` (a model directory) into a student saved under `settings.out / "model"` with the LCM sampler,
+    `num_inference_steps` default steps and warm-start `strength`; `student` (a model directory) sets the student's
+    starting weights, by default the teacher's."""
     from avatar.pipeline import AvatarPipeline
     from avatar.schedulers import build_scheduler
 
@@ -121,15 +137,21 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     if not 1.0 <= guidance <= 20.0:
         raise EmoteError(f"--guidance must be between 1 and 20, got {guidance}")
     pipe = AvatarPipeline.from_pretrained(resolve_model_dir(teacher))
-    objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance)
-    grid = pipe.config.num_train_timesteps // skip
+    start = None
+    if student is not None:
+        start = AvatarPipeline.from_pretrained(resolve_model_dir(student)).backbone
+        if start.config != pipe.backbone.config:
+            raise EmoteError(f"--student {student} has another backbone than the teacher's; distil from the teacher "
+                             f"it was distilled from")
+    objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance, strength=strength, student_backbone=start)
+    grid = len(objective.grid)
     if num_inference_steps > grid:
         raise EmoteError(f"--num-inference-steps {num_inference_steps} exceeds the {grid} points of the "
-                         f"--skip {skip} grid")
-    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps, strength=1.0,
+                         f"--skip {skip} grid at --strength {strength:g}")
+    pipe.config = pipe.config.replace(sampler="lcm", default_steps=num_inference_steps, strength=strength,
                                       min_steps=min(pipe.config.min_steps, num_inference_steps)).validate()
     # The student samples on the grid it was trained on: LCMScheduler's origin timesteps are T/n - 1, 2T/n - 1, ...
-    pipe.scheduler = build_scheduler(pipe.config, lcm_grid=grid)
+    pipe.scheduler = build_scheduler(pipe.config, lcm_grid=pipe.config.num_train_timesteps // skip)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     target_params = list(objective.target.parameters())
