@@ -197,27 +197,41 @@ def test_distilled_student_loads_and_renders(staged, corpus, tmp_path):
         assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
 
 
-def test_warm_start_distillation_trains_where_the_student_samples(staged, corpus, tmp_path):
-    """--strength s keeps the first int(n s) grid points, LCMScheduler.set_timesteps(strength=s)'s; --student starts
-    the student and its target from another model's backbone while the teacher stays the teacher."""
-    pipe = staged[0]
-    other = AvatarPipeline.from_config("tiny", seed=7)
-    objective = ConsistencyDistillation(pipe, skip=100, guidance=2.0, strength=0.5, student_backbone=other.backbone)
-    assert objective.grid.tolist() == [99, 199, 299, 399, 499]
-    for net in (objective.backbone, objective.target):
-        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.backbone.state_dict().values()))
-    assert not torch.equal(next(objective.teacher.parameters()), next(other.backbone.parameters()))
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
+
+def test_warm_start_distillation_trains_where_the_student_samples(corpus, tmp_path):
+    """--strength s keeps the first int(n s) grid points, LCMScheduler.set_timesteps(strength=s)'s; --student starts
+    the student and its target from another model's backbone while the teacher stays the teacher; a resume with
+    other grid settings is refused."""
+    teacher, other = AvatarPipeline.from_config("tiny", seed=0), AvatarPipeline.from_config("tiny", seed=7)
+    as_teacher(teacher)
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "start"
-    pipe.save_pretrained(teacher_dir)
+    teacher.save_pretrained(teacher_dir)
     other.save_pretrained(student_dir)
-    settings = LoopSettings(out=tmp_path / "student", steps=2, batch_size=1, lr=1e-4, save_every=10**6, progress=False)
+    objective = ConsistencyDistillation(AvatarPipeline.from_pretrained(teacher_dir), skip=100, guidance=2.0,
+                                        strength=0.5, student_backbone=other.backbone)
+    assert objective.grid.tolist() == [99, 199, 299, 399, 499]
+    assert same(objective.backbone, other.backbone) and same(objective.target, other.backbone)
+    assert same(objective.teacher, teacher.backbone) and not same(objective.teacher, other.backbone)
+
+    # A learning rate too small to move the weights: the exported EMA target is the --student's backbone.
+    settings = LoopSettings(out=tmp_path / "student", steps=2, batch_size=1, lr=1e-12, save_every=10**6, progress=False)
     result = distill(teacher_dir, corpus, settings, num_inference_steps=1, skip=100, guidance=2.0, limit_windows=2,
                      strength=0.5, student=student_dir)
     student = AvatarPipeline.from_pretrained(result.model_dir)
     assert (student.config.default_steps, student.config.strength) == (1, 0.5)
+    exported = student.backbone.state_dict()
+    assert all(torch.allclose(exported[k], v, atol=1e-6) for k, v in other.backbone.state_dict().items())
+    assert not same(student.backbone, teacher.backbone)
     frames = list(student.render(np.full((32, 32, 3), 128, np.uint8), np.zeros(16000 // 5, np.float32)))
     assert len(frames) == 5
+
+    resumed = LoopSettings(**{**settings.__dict__, "steps": 3, "resume": True})
+    with pytest.raises(EmoteError, match="strength 0.5 now 1.0"):
+        distill(teacher_dir, corpus, resumed, num_inference_steps=1, skip=100, guidance=2.0, limit_windows=2,
+                strength=1.0, student=student_dir)
 
 
 @pytest.mark.parametrize(

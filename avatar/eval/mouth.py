@@ -8,8 +8,8 @@ band.
 
 There is no noise tolerance: a blurred mouth (a model's, or one through an autoencoder) opens as a faint change
 spread over more pixels, which a tolerance cut away (oracle frames blurred by sigma 2 px at 128x128 tracked the
-mouth parameter at r 0.30-0.98 with a 0.04 tolerance, 0.67-0.99 without). Noise and codec error add a roughly
-constant amount per frame, which a correlation ignores.
+mouth parameter at r 0.30-0.98 with a 0.04 tolerance, 0.67-0.99 without). Noise and codec error add about the
+same amount to every frame, which a correlation ignores; frame-to-frame flicker can only lower r, not raise it.
 """
 from __future__ import annotations
 

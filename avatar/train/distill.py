@@ -139,11 +139,13 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     pipe = AvatarPipeline.from_pretrained(resolve_model_dir(teacher))
     start = None
     if student is not None:
-        start = AvatarPipeline.from_pretrained(resolve_model_dir(student)).backbone
-        if start.config != pipe.backbone.config:
-            raise EmoteError(f"--student {student} has another backbone than the teacher's; distil from the teacher "
-                             f"it was distilled from")
-    objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance, strength=strength, student_backbone=start)
+        start = AvatarPipeline.from_pretrained(resolve_model_dir(student))
+        if not same_backbone(start, pipe):
+            raise EmoteError(f"--student {student} has another backbone or noise schedule than the teacher's; distil "
+                             f"from the teacher it was distilled from")
+    objective = ConsistencyDistillation(pipe, skip=skip, guidance=guidance, strength=strength,
+                                        student_backbone=start.backbone if start else None)
+    del start  # its weights are in the objective now
     grid = len(objective.grid)
     if num_inference_steps > grid:
         raise EmoteError(f"--num-inference-steps {num_inference_steps} exceeds the {grid} points of the "
@@ -159,4 +161,13 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
     def target_ema(params: list[nn.Parameter], s: LoopSettings) -> EMA:
         return EMA(params, TARGET_EMA_DECAY, warmup=False, shadow=target_params)
 
-    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained, make_ema=target_ema)
+    grid_settings = dict(skip=skip, strength=strength, guidance=guidance, num_inference_steps=num_inference_steps)
+    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained, make_ema=target_ema,
+                    objective_settings=grid_settings)
+
+
+def same_backbone(a, b) -> bool:
+    """Two pipelines whose backbones take each other's weights and predict the same thing on the same schedule."""
+    shapes = lambda pipe: {k: tuple(v.shape) for k, v in pipe.backbone.state_dict().items()}  # noqa: E731
+    schedule = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    return shapes(a) == shapes(b) and all(getattr(a.config, k) == getattr(b.config, k) for k in schedule)

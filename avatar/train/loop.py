@@ -190,11 +190,13 @@ def run_loop(
     settings: LoopSettings,
     export_model: Callable[[Path], None],
     make_ema: Callable[[list[nn.Parameter], LoopSettings], EMA] | None = None,
+    objective_settings: dict | None = None,
 ) -> LoopResult:
     """Train `objective` (an nn.Module whose forward(batch, generator) returns the loss) on `dataset`.
 
     `objective.set_trainable()` picks the parameters; `export_model(dir)` writes the model directory (called with the
-    EMA weights applied)."""
+    EMA weights applied). `objective_settings` (JSON values, e.g. distillation's grid) are stored with the state, and
+    `--resume` refuses different ones: they are not in the weights, so a mismatch would train on silently."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
@@ -207,6 +209,14 @@ def run_loop(
         raise EmoteError(f"--resume: no training state in {state_dir}")
     if not s.resume and state_dir.exists():
         raise EmoteError(f"{out} already holds a training state: pass --resume, or choose another --out")
+    objective_settings = dict(objective_settings or {})
+    if s.resume:  # a state saved before settings were stored has none to compare
+        stored = json.loads((state_dir / "loop.json").read_text()).get("objective", objective_settings)
+        changed = sorted(k for k in set(stored) | set(objective_settings) if stored.get(k) != objective_settings.get(k))
+        if changed:
+            raise EmoteError(f"--resume: the state in {state_dir} was trained with other settings ("
+                             + ", ".join(f"{k} {stored.get(k)} now {objective_settings.get(k)}" for k in changed)
+                             + "); resume with the first run's")
     if s.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise EmoteError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on a CPU")
 
@@ -248,7 +258,8 @@ def run_loop(
         with atomic_dir(state_dir) as tmp:
             accelerator.save_state(str(tmp))
             if accelerator.is_main_process:
-                (tmp / "loop.json").write_text(json.dumps({"step": counter.step, **_jsonable(asdict(s))}, indent=2))
+                (tmp / "loop.json").write_text(json.dumps({"step": counter.step, **_jsonable(asdict(s)),
+                                                                "objective": objective_settings}, indent=2))
         if accelerator.is_main_process:
             with ema.applied():
                 export_model(model_dir)
