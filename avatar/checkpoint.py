@@ -133,14 +133,19 @@ def load_checkpoint(path: str | Path, expected_components: dict[str, dict[str, A
         components["audio_encoder"] = _load_model_component(audio_dir, MelAudioEncoder, expected_components.get("audio_encoder", {}))
     else:
         components["audio_encoder"] = Wav2Vec2AudioEncoder.from_pretrained(audio_dir, tuple(cfg.wav2vec2_layers))
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    components["scheduler"] = load_scheduler(path, cfg)
+    return cfg, components
+
+
+def load_scheduler(path: str | Path, cfg: ModelConfig):
+    """The model directory's sampler (`scheduler/`), of the class its config names."""
+    scheduler_file = Path(path) / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise CheckpointError(f"{scheduler_file} is missing")
     try:
-        components["scheduler"] = classes["scheduler"].from_pretrained(path / "scheduler")
+        return SCHEDULER_CLASSES[cfg.sampler].from_pretrained(scheduler_file.parent)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{scheduler_file} is unreadable: {exc}") from exc
-    return cfg, components
 
 
 def state_fingerprint(modules: list[torch.nn.Module], cfg: ModelConfig) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -61,17 +60,13 @@ class Row:
 def check_row(row: Row) -> None:
     """Read the row's model config and sampler (not its weights), so that a bad STEPS/STRENGTH fails before any row
     is evaluated."""
-    from avatar.checkpoint import read_index
+    from avatar.checkpoint import load_scheduler, read_index
     from avatar.config import ModelConfig
-    from avatar.schedulers import SCHEDULER_CLASSES, fresh_scheduler
+    from avatar.schedulers import fresh_scheduler
 
-    cfg = ModelConfig.from_dict(read_index(row.model_dir)["model"])
     try:
-        scheduler = SCHEDULER_CLASSES[cfg.sampler].from_pretrained(Path(row.model_dir) / "scheduler")
-    except (OSError, ValueError) as exc:
-        raise EmoteError(f"--row {row.label}: cannot read the sampler of {row.model_dir} "
-                         f"({exc.__class__.__name__})") from None
-    try:
+        cfg = ModelConfig.from_dict(read_index(row.model_dir)["model"])
+        scheduler = load_scheduler(row.model_dir, cfg)
         fresh_scheduler(scheduler, row.steps, strength=cfg.strength if row.strength is None else row.strength)
     except EmoteError as exc:
         raise EmoteError(f"--row {row.label}: {exc}") from None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from avatar.errors import EmoteError
-from avatar.unet import BackboneConditions
+from avatar.unet import BackboneConditions, backbone_kwargs
 
 from .loop import EMA, LoopResult, LoopSettings, open_dataset, resolve_model_dir, run_loop
 from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, weighted_mean
@@ -78,11 +78,11 @@ class ConsistencyDistillation(PipelineModules):
         # grid of DDIM solver points: skip-1, 2 skip-1, ..., T-1 (LCMScheduler's origin timesteps); at strength s only
         # the first int(n s) of the n points, which are LCMScheduler.set_timesteps(strength=s)'s
         points = cfg.num_train_timesteps // skip
-        if not 0 < strength <= 1 or int(points * strength) < 1:
+        kept = int(points * strength) if 0 < strength <= 1 else 0
+        if kept < 1:
             raise EmoteError(f"--strength must be in (0, 1] and keep at least one of the {points} grid points, "
                              f"got {strength}")
-        grid = torch.arange(skip - 1, cfg.num_train_timesteps, skip)[: int(points * strength)]
-        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("grid", torch.arange(skip - 1, cfg.num_train_timesteps, skip)[:kept], persistent=False)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
@@ -167,7 +167,8 @@ def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_i
 
 
 def same_backbone(a, b) -> bool:
-    """Two pipelines whose backbones take each other's weights and predict the same thing on the same schedule."""
-    shapes = lambda pipe: {k: tuple(v.shape) for k, v in pipe.backbone.state_dict().items()}  # noqa: E731
+    """Two pipelines whose backbones are built alike (so take each other's weights) and predict the same thing on the
+    same noise schedule."""
     schedule = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
-    return shapes(a) == shapes(b) and all(getattr(a.config, k) == getattr(b.config, k) for k in schedule)
+    return (backbone_kwargs(a.config) == backbone_kwargs(b.config)
+            and all(getattr(a.config, k) == getattr(b.config, k) for k in schedule))
