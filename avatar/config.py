@@ -16,6 +16,7 @@ from .errors import EmoteError
 VIDEO_FPS = 25
 AUDIO_SAMPLE_RATE = 16_000
 SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640
+WARM_STARTS = ("previous", "portrait")  # ModelConfig.warm_start
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class ModelConfig:
     # for a clip's first window) noised to this fraction of the schedule, instead of from pure noise (1.0). The
     # previous frame already holds the identity, so a few steps only have to redraw what moves.
     strength: float = 1.0
+    # What a warm start noises: "previous", the newest frame before the window (the portrait for a clip's first
+    # window), or "portrait", the portrait for every window, which anchors each window to the identity (no drift)
+    # while the motion frames carry the continuity.
+    warm_start: str = "previous"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -122,6 +127,8 @@ class ModelConfig:
             problems.append("need 1 <= min_steps <= default_steps")
         if not 0 < self.strength <= 1:
             problems.append(f"strength must be in (0, 1], got {self.strength}")
+        if self.warm_start not in WARM_STARTS:
+            problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
         if problems:
             raise EmoteError(f"invalid model config ({self.preset}): " + "; ".join(problems))
         return self

@@ -224,7 +224,8 @@ class AvatarPipeline:
         """Sample a batch of windows in one backbone call per step. Returns clean latents (B, F, C, h, w).
 
         strength (default: the model's): below 1, a warm start: each window starts from its last motion frame (the
-        reference for a first window) noised to that fraction of the schedule, instead of from pure noise.
+        reference for a first window), or from the reference for every window if the model's `warm_start` is
+        "portrait", noised to that fraction of the schedule, instead of from pure noise.
 
         Guidance (for the teacher): eps = e_u + g_ref (e_ref - e_u) + g_audio (e_full - e_ref), where e_u drops the
         reference and the audio, e_ref drops the audio. With both scales 1 only the conditional pass runs.
@@ -244,7 +245,9 @@ class AvatarPipeline:
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         if strength < 1.0:
             # motion latents may live on the CPU (the streaming engine keeps them there), the reference on the device
-            starts = torch.stack([_warm_start_latent(w, frames).to(self.device, self.dtype) for w in windows])
+            starts = torch.stack([
+                _warm_start_latent(w, frames, cfg.warm_start).to(self.device, self.dtype) for w in windows
+            ])
             latents = scheduler.add_noise(starts, latents, scheduler.timesteps[:1])
         else:
             latents = latents * scheduler.init_noise_sigma
@@ -323,9 +326,11 @@ class AvatarPipeline:
             yield from self.decode(latents[:valid])
 
 
-def _warm_start_latent(window: WindowInput, frames: int) -> torch.Tensor:
-    """What a warm-started window's frames start from: the newest frame before the window."""
-    last = window.reference.latent if window.motion_latents is None else window.motion_latents[-1:]
+def _warm_start_latent(window: WindowInput, frames: int, source: str) -> torch.Tensor:
+    """What a warm-started window's frames start from: the newest frame before the window ("previous"), or the
+    portrait ("portrait")."""
+    previous = source == "previous" and window.motion_latents is not None
+    last = window.motion_latents[-1:] if previous else window.reference.latent
     return last.expand(frames, -1, -1, -1)
 
 

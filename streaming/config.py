@@ -25,7 +25,7 @@ class StreamConfig:
     context_lookahead_frames: int = 0  # future frames of the ±m audio context to wait for; the rest repeat the edge
     steps: int | None = None  # sampler steps; None: the model's default
     min_steps: int | None = None  # the behind-schedule policy never goes below this; None: the model's (at most steps)
-    strength: float | None = None  # warm start from the previous frame (1.0: from pure noise); None: the model's
+    strength: float | None = None  # warm start (ModelConfig.warm_start; 1.0: from pure noise); None: the model's
     max_batch: int = 8  # windows per backbone call
     speech_speed: float | None = None  # head-motion speed while speaking; None: the model's default
     idle_speed: float = 0.3  # non-zero: the idle avatar keeps moving

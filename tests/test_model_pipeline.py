@@ -141,9 +141,9 @@ def test_bad_strength_is_a_clear_error(steps, strength, message):
         fresh_scheduler(build_scheduler(get_preset("tiny"), "lcm", lcm_grid=10), steps, strength=strength)
 
 
-def test_warm_start_begins_at_the_previous_frame(tiny_pipe, portrait):
-    """A low strength stays near the window's last motion frame (the reference for a first window); from pure
-    noise the same window lands elsewhere."""
+def test_warm_start_begins_at_the_previous_frame_or_the_portrait(tiny_pipe, portrait):
+    """A low strength stays near the window's last motion frame (the reference for a first window), or near the
+    reference for every window with warm_start "portrait"; from pure noise the same window lands elsewhere."""
     cfg = tiny_pipe.config
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     latents = torch.randn(cfg.motion_frames + 1, *shape, generator=torch.Generator().manual_seed(3))
@@ -152,14 +152,21 @@ def test_warm_start_begins_at_the_previous_frame(tiny_pipe, portrait):
     cache = dataclasses.replace(tiny_pipe.prepare_reference(portrait), latent=latents[:1])
     audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))
 
-    def distance(motion_latents, start, strength):
+    anchored = AvatarPipeline(cfg.replace(warm_start="portrait"), tiny_pipe.vae, tiny_pipe.reference_net,
+                              tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
+
+    def distance(pipe, motion_latents, start, strength):
         w = WindowInput(cache, audio, torch.zeros(cfg.frames_per_window), motion_latents, window_seed(0, 1))
-        out = tiny_pipe.denoise_windows([w], steps=1, strength=strength)[0]
+        out = pipe.denoise_windows([w], steps=1, strength=strength)[0]
         return (out - start.expand_as(out)).norm() / start.expand_as(out).norm()
 
-    for motion_latents, start in ((motion, motion[-1:]), (None, cache.latent)):
-        near, cold = distance(motion_latents, start, 0.02), distance(motion_latents, start, 1.0)
-        assert near < 0.25 < 1.0 < cold, (near, cold)
+    cases = [(tiny_pipe, motion, motion[-1:]), (tiny_pipe, None, cache.latent), (anchored, motion, cache.latent),
+             (anchored, None, cache.latent)]
+    for pipe, motion_latents, start in cases:
+        near, cold = distance(pipe, motion_latents, start, 0.02), distance(pipe, motion_latents, start, 1.0)
+        assert near < 0.25 < 1.0 < cold, (pipe.config.warm_start, near, cold)
+    with pytest.raises(EmoteError, match="warm_start"):
+        cfg.replace(warm_start="noise").validate()
 
 
 def test_warm_start_batches_first_and_later_windows_like_alone(tiny_pipe, portrait):

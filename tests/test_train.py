@@ -234,6 +234,84 @@ def test_warm_start_distillation_trains_where_the_student_samples(corpus, tmp_pa
                 strength=1.0, student=student_dir)
 
 
+def test_video_windows_warm_start_where_the_pipeline_does(corpus):
+    """What `AvatarPipeline.denoise_windows` starts a warm window from: the newest frame before it, or the portrait
+    for a clip's first window (whose motion features are the reference's) and, with warm_start "portrait", for
+    every window."""
+    pipe = AvatarPipeline.from_config("tiny", seed=0)
+    objective = build_objective("2", pipe)
+    dataset = open_dataset(corpus, objective.window_frames, objective.audio_context, seed=0, limit_windows=8)
+    batch = default_collate([dataset[i] for i in range(8)])
+    _, _, start = objective.video_conditions(batch, torch.Generator().manual_seed(3))
+    last = objective.encode_latents(batch["frames"])[:, pipe.config.motion_frames - 1]
+    reference = objective.encode_latents(batch["reference"][:, None])[:, 0]
+    from_last = [torch.allclose(s, x) for s, x in zip(start, last)]
+    from_reference = [torch.allclose(s, x) for s, x in zip(start, reference)]
+    assert all(a != b for a, b in zip(from_last, from_reference))
+    assert any(from_last) and any(from_reference)
+
+    objective.cfg = pipe.config.replace(warm_start="portrait")  # every window starts from the portrait
+    _, _, start = objective.video_conditions(batch, torch.Generator().manual_seed(3))
+    assert all(torch.allclose(s, x) for s, x in zip(start, reference))
+
+
+def tiny_student(seed: int = 0) -> AvatarPipeline:
+    """A tiny pipeline set up as a 1-step student warm-started at 0.5 on a 10-point LCM grid."""
+    from avatar.schedulers import build_scheduler
+
+    pipe = AvatarPipeline.from_config("tiny", seed=seed)
+    pipe.config = pipe.config.replace(sampler="lcm", default_steps=1, min_steps=1, strength=0.5).validate()
+    pipe.scheduler = build_scheduler(pipe.config, lcm_grid=10)
+    return pipe
+
+
+def test_warm_stage_fits_the_students_warm_start_and_keeps_its_sampler(corpus, tmp_path):
+    student = tiny_student()
+    objective = build_objective("warm", student)
+    assert objective.start_timestep == 499  # LCMScheduler.set_timesteps(1, strength=0.5) on the 10-point grid
+    before, after, changed = overfit(objective, corpus, tmp_path / "fit", steps=30, lr=1e-3)
+    assert after < 0.8 * before, (before, after)
+    assert changed and all(n.startswith("backbone.") for n in changed)
+
+    tiny_student(seed=1).save_pretrained(tmp_path / "student")
+    settings = LoopSettings(out=tmp_path / "warm", steps=2, batch_size=1, lr=1e-4, save_every=10**6, progress=False)
+    tuned = AvatarPipeline.from_pretrained(train_stage("warm", corpus, settings, init=tmp_path / "student",
+                                                       limit_windows=2, warm_start="portrait").model_dir)
+    assert (tuned.config.sampler, tuned.config.default_steps, tuned.config.strength) == ("lcm", 1, 0.5)
+    assert tuned.config.warm_start == "portrait"
+    assert type(tuned.scheduler).__name__ == "LCMScheduler"
+    assert tuned.scheduler.config.original_inference_steps == 10
+
+
+def test_warm_stage_draws_its_own_motion_frames(corpus):
+    """As at inference, the motion frames the warm stage conditions on are the student's own: the true ones, which
+    stage 2 and distillation use, do not change its loss; the true target frames do."""
+    student = tiny_student()
+    for module in student.backbone.modules():  # a trained model's zero-initialised outputs are not zero any more
+        if isinstance(module, torch.nn.Linear) and module.weight.abs().sum() == 0:
+            torch.nn.init.normal_(module.weight, std=0.05)
+    objective = build_objective("warm", student)
+    dataset = open_dataset(corpus, objective.window_frames, objective.audio_context, seed=0, limit_windows=4)
+    batch = default_collate([dataset[i] for i in range(4)])
+    m = student.config.motion_frames
+
+    def altered(frames: slice) -> dict:
+        changed = batch["frames"].clone()
+        changed[:, frames] = 255 - changed[:, frames]
+        return {**batch, "frames": changed}
+
+    def loss(b: dict) -> float:
+        with torch.no_grad():
+            return objective(b, torch.Generator().manual_seed(0)).item()
+
+    def motion_features(b: dict) -> torch.Tensor:
+        return objective.video_conditions(b, torch.Generator().manual_seed(0))[1].motion[-1]
+
+    assert not torch.allclose(motion_features(altered(slice(0, m))), motion_features(batch))  # the true-frame path
+    assert loss(altered(slice(0, m))) == loss(batch)
+    assert loss(altered(slice(m, None))) != loss(batch)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -246,6 +324,10 @@ def test_warm_start_distillation_trains_where_the_student_samples(corpus, tmp_pa
         ["train", "--stage", "3", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "/nonexistent/model"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--resume", "--preset", "tiny"],
         ["train", "--stage", "4", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{ddim}"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--warm-start",
+         "portrait"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "5"],
@@ -272,8 +354,12 @@ def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
         AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "teacher")
     if "{grown}" in argv:  # a student of another architecture than the teacher's
         grow_attention(AvatarPipeline.from_config("tiny", seed=0), [0]).save_pretrained(tmp_path / "grown")
-    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown")
-            for a in argv]
+    if "{ddim}" in argv:  # a many-step teacher, which has no warm-start step to fine-tune
+        teacher = AvatarPipeline.from_config("tiny", seed=0)
+        as_teacher(teacher)
+        teacher.save_pretrained(tmp_path / "ddim")
+    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown",
+                     ddim=tmp_path / "ddim") for a in argv]
     try:
         code = emote(argv)
     except SystemExit as exc:

@@ -5,9 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
+from avatar.config import WARM_STARTS
 from avatar.errors import EmoteError
 
-STAGE_CHOICES = ("vae", "decoder", "audio", "1", "2", "3")
+STAGE_CHOICES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
 
 
 def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
@@ -29,7 +30,9 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train one EMO stage (vae, decoder, audio, 1 image, 2 video, 3 speed) on a corpus")
+    train = subparsers.add_parser(
+        "train", help="train one EMO stage (vae, decoder, audio, 1 image, 2 video, 3 speed) on a corpus, or fine-tune "
+                      "a distilled student on its warm-start input (warm)")
     train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
@@ -42,6 +45,9 @@ def register(subparsers) -> None:
     train.add_argument("--grow-attention", action="append", type=int, default=[], metavar="LEVEL",
                        help="add spatial attention (reference and audio) at this UNet level of the --init model, "
                             "0 = full latent resolution; new blocks start as the identity (repeatable)")
+    train.add_argument("--warm-start", choices=WARM_STARTS, default=None,
+                       help="stage warm: what the student's windows start from, saved in the model (default: the "
+                            "--init model's): the previous frame, or the portrait for every window")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -96,12 +102,14 @@ def _report(result) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     settings = loop_settings(args, args.ema_decay)
-    if args.stage in ("decoder", "2", "3") and args.init is None:
+    if args.stage in ("decoder", "2", "3", "warm") and args.init is None:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
     if args.grow_attention and args.init is None:
         raise EmoteError("--grow-attention adds layers to a trained model: pass --init DIR")
+    if args.warm_start is not None and args.stage != "warm":
+        raise EmoteError("--warm-start applies to --stage warm only")
     from avatar.config import get_preset
 
     preset = args.preset or "default"
@@ -110,7 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
                         limit_windows=args.limit_windows, frozen=tuple(args.freeze),
-                        grow_attention_levels=tuple(args.grow_attention)))
+                        grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start))
     return 0
 
 

@@ -58,6 +58,20 @@ def x0_and_eps(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tenso
     raise EmoteError(f"distillation does not support prediction_type {prediction_type!r}")
 
 
+def consistency_output(net: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: BackboneConditions,
+                       alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The consistency model's clean estimate c_skip(t) x_t + c_out(t) x0(t), as `LCMScheduler.step` denoises."""
+    alpha_bar = expand_like(alphas_cumprod[t], noisy)
+    x0, _ = x0_and_eps(net(noisy, t, cond).float(), noisy.float(), alpha_bar.float(), prediction_type)
+    c_skip, c_out = boundary_scalings(t)
+    return expand_like(c_skip, noisy) * noisy.float() + expand_like(c_out, noisy) * x0
+
+
+def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-element sqrt(d^2 + c^2) - c (LCM's loss)."""
+    return ((prediction - target) ** 2 + HUBER_C**2).sqrt() - HUBER_C
+
+
 class ConsistencyDistillation(PipelineModules):
     """Student (trained), teacher (frozen) and target (EMA of the student) backbones over one frozen pipeline."""
 
@@ -88,10 +102,7 @@ class ConsistencyDistillation(PipelineModules):
         return [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
 
     def consistency(self, net: nn.Module, noisy, t, cond) -> torch.Tensor:
-        alpha_bar = expand_like(self.alphas_cumprod[t], noisy)
-        x0, _ = x0_and_eps(net(noisy, t, cond).float(), noisy.float(), alpha_bar.float(), self.cfg.prediction_type)
-        c_skip, c_out = boundary_scalings(t)
-        return expand_like(c_skip, noisy) * noisy.float() + expand_like(c_out, noisy) * x0
+        return consistency_output(net, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
 
     @torch.no_grad()
     def teacher_ddim_step(self, noisy, t, t_prev, cond: BackboneConditions) -> torch.Tensor:
@@ -106,7 +117,7 @@ class ConsistencyDistillation(PipelineModules):
         return (alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps).to(noisy.dtype)
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        x0, cond = self.video_conditions(batch, generator)
+        x0, cond, _ = self.video_conditions(batch, generator)
         b = x0.shape[0]
         index = torch.randint(0, len(self.grid), (b,), generator=generator).to(x0.device)
         t = self.grid[index]
@@ -119,8 +130,7 @@ class ConsistencyDistillation(PipelineModules):
         x_prev = self.teacher_ddim_step(noisy, t, t_prev, cond)
         with torch.no_grad():
             target = self.consistency(self.target, x_prev, t_prev, cond)
-        huber = ((prediction - target) ** 2 + HUBER_C**2).sqrt() - HUBER_C
-        return weighted_mean(huber, self.window_lip_weights(batch, x0))
+        return weighted_mean(pseudo_huber(prediction, target), self.window_lip_weights(batch, x0))
 
 
 def distill(teacher: str | Path, data: str | Path, settings: LoopSettings, num_inference_steps: int = 2,

@@ -378,16 +378,18 @@ def as_teacher(pipe) -> None:
 
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
-                grow_attention_levels: tuple[int, ...] = ()) -> LoopResult:
-    """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), starting from `init` (a model directory) or a
-    fresh `preset`; the components in `frozen` keep their weights; `grow_attention_levels` adds spatial attention
-    at those UNet levels of `init` first (avatar/grow.py)."""
+                grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None) -> LoopResult:
+    """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), or `warm` on a distilled student, starting from
+    `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
+    `grow_attention_levels` adds spatial attention at those UNet levels of `init` first (avatar/grow.py). Stage
+    outputs are teachers (DDIM); `warm` keeps the student's sampler, and `warm_start` sets what its windows start
+    from (`ModelConfig.warm_start`)."""
     from avatar.grow import grow_attention
     from avatar.pipeline import AvatarPipeline
 
     from .stages import build_objective
 
-    if stage in ("decoder", "2", "3") and init is None:
+    if stage in ("decoder", "2", "3", "warm") and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if init is not None:
         pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
@@ -397,7 +399,12 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         if init is None:
             raise EmoteError("growing attention continues a trained model: pass --init DIR")
         pipe = grow_attention(pipe, grow_attention_levels, seed=settings.seed)
-    as_teacher(pipe)
+    if stage != "warm":
+        as_teacher(pipe)
+    if warm_start is not None:
+        if stage != "warm":
+            raise EmoteError("warm_start applies to stage warm only")
+        pipe.config = pipe.config.replace(warm_start=warm_start).validate()
     objective = build_objective(stage, pipe, frozen)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)

@@ -12,7 +12,8 @@
 - stage `1` (image): ReferenceNet + the backbone's spatial layers + face locator, on single frames;
 - stage `2` (video): temporal layers, audio cross-attention, the audio projection and the mel encoder, on windows of
   F frames preceded by M motion frames; everything spatial is frozen;
-- stage `3` (speed): the speed layers only (EMO froze audio here: training it jointly weakened audio control).
+- stage `3` (speed): the speed layers only (EMO froze audio here: training it jointly weakened audio control);
+- stage `warm`: a distilled student's whole backbone, on the input it samples from warm-started (`warm.py`).
 
 Every objective is an `nn.Module` whose `forward(batch, generator)` returns the loss, so that `accelerate` (DDP,
 autocast) wraps the whole computation. All randomness comes from `generator`, which makes a step reproducible.
@@ -31,7 +32,7 @@ from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions, parameter_group
 
-STAGES = ("vae", "decoder", "audio", "1", "2", "3")
+STAGES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
 
 # Condition dropout, so that the teacher supports the pipeline's guidance (drop audio; drop reference and audio).
@@ -65,6 +66,8 @@ def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> boo
         return component == "backbone" and parameter_group(name) in ("temporal", "audio")
     if stage == "3":
         return component == "backbone" and parameter_group(name) == "speed"
+    if stage == "warm":
+        return component == "backbone"
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
 
@@ -222,20 +225,35 @@ class PipelineModules(nn.Module):
         """Loss weights for the target latents x0 (B, F, C, h, w) of a window: the frames after the motion frames."""
         return lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
 
-    def video_conditions(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, BackboneConditions]:
-        """A window of M motion + F target frames -> (target latents (B, F, C, h, w), conditions).
+    def reference_features(self, batch: dict):
+        """The window's portrait through the frozen VAE and ReferenceNet: (latent (B, C, h, w), SlotFeatures)."""
+        with torch.no_grad():
+            latent = self.encode_latents(batch["reference"][:, None])[:, 0]
+            return latent, self.reference_net(latent)
 
-        ReferenceNet is frozen here; motion features come from the ground-truth previous frames, or (with
-        FIRST_WINDOW_P) from the reference frame repeated, as inference does for a clip's first window."""
+    def video_conditions(
+        self, batch: dict, generator: torch.Generator, motion_latents: torch.Tensor | None = None, reference=None
+    ) -> tuple[torch.Tensor, BackboneConditions, torch.Tensor]:
+        """A window of M motion + F target frames -> (target latents (B, F, C, h, w), conditions, warm-start latents
+        (B, C, h, w)).
+
+        ReferenceNet is frozen here; motion features come from the ground-truth previous frames (or `motion_latents`
+        (B, M, C, h, w) in their place), or (with FIRST_WINDOW_P) from the reference frame repeated, as inference does
+        for a clip's first window. The warm-start latent is what a warm-started window starts from at inference
+        (`ModelConfig.warm_start`): the last motion frame (the reference for a first window), or the reference.
+        `reference`: `reference_features(batch)`, if the caller has it already."""
         cfg = self.cfg
         m, f = cfg.motion_frames, cfg.frames_per_window
         latents = self.encode_latents(batch["frames"])
         b = latents.shape[0]
-        motion_latents, x0 = latents[:, :m], latents[:, m:]
+        x0 = latents[:, m:]
+        motion_latents = latents[:, :m] if motion_latents is None else motion_latents
+        reference_latent, reference = reference or self.reference_features(batch)
         with torch.no_grad():
-            reference = self.reference_net(self.encode_latents(batch["reference"][:, None])[:, 0])
             motion = self.reference_net(motion_latents.flatten(0, 1)).outputs
         first = (torch.rand(b, generator=generator) < FIRST_WINDOW_P).to(latents.device)
+        from_reference = first if cfg.warm_start == "previous" else torch.ones_like(first)
+        start = torch.where(from_reference.reshape(b, 1, 1, 1), reference_latent, motion_latents[:, -1])
         motion = [
             torch.where(
                 first.reshape(b, 1, 1, 1, 1),
@@ -251,7 +269,7 @@ class PipelineModules(nn.Module):
             speed=batch["speed"][:, m:].float(),
             face_mask=face_masks(batch["face_box"][:, m:], cfg.resolution).to(latents.device, latents.dtype),
         )
-        return x0, cond
+        return x0, cond, start
 
 
 class VaeObjective(PipelineModules):
@@ -345,7 +363,7 @@ class VideoObjective(PipelineModules):
         self.audio_context = AUDIO_HISTORY_FRAMES + pipe.config.audio_context_frames
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        x0, cond = self.video_conditions(batch, generator)
+        x0, cond, _ = self.video_conditions(batch, generator)
         cond = self.drop_conditions(cond, generator)
         noisy, t, target = self.add_noise(x0, generator)
         error = self.backbone(noisy, t, cond).float() - target.float()
@@ -365,4 +383,8 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = ()) -> PipelineM
         return ImageObjective(pipe, stage, frozen)
     if stage in ("2", "3"):
         return VideoObjective(pipe, stage, frozen)
+    if stage == "warm":
+        from .warm import WarmStartObjective  # it builds on distillation, which builds on this module
+
+        return WarmStartObjective(pipe, stage, frozen)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

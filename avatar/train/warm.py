@@ -1,0 +1,71 @@
+"""Stage `warm`: fine-tune a distilled student on the inputs it gets when it samples warm-started.
+
+Consistency distillation shows the student x_t noised from the true frames, with the true previous frames as motion
+frames. When it samples, both come from its own output: x_t is its previous frame (or the portrait, per
+`ModelConfig.warm_start`) noised, and the motion frames are the frames it drew last. A student trained on the true
+frames learns to lean on them (at t = 499 a noised true frame still shows its mouth), and at inference leans on its
+own blurred frames instead, window after window. This stage builds what inference builds:
+- the motion frames are drawn by the student itself, as a clip's first window over the motion frames' audio (no
+  gradient; the window is then trained as a clip's second window), except for windows trained as a first window;
+- the window starts from the last of them, or from the portrait, noised to the sampler's first timestep (pure noise
+  at strength 1).
+It regresses the student's output there (through the LCM boundary scalings, as `LCMScheduler.step` denoises) onto
+the true frames, pseudo-Huber and lip-weighted like distillation. The whole backbone trains; the model keeps its
+sampler, steps and strength. Only the first sampling step is trained; for a 1-step student that is all of it.
+"""
+from __future__ import annotations
+
+import torch
+
+from avatar.errors import EmoteError
+from avatar.schedulers import fresh_scheduler
+from avatar.unet import BackboneConditions
+
+from .distill import consistency_output, pseudo_huber
+from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, face_masks, weighted_mean
+
+
+class WarmStartObjective(PipelineModules):
+    def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = ()):
+        super().__init__(pipe, stage, frozen)
+        cfg = pipe.config
+        if cfg.sampler != "lcm":
+            raise EmoteError(f"stage warm fine-tunes a distilled few-step student (sampler lcm); this model samples "
+                             f"with {cfg.sampler}: distil it first (emote distill)")
+        self.window_frames = cfg.motion_frames + cfg.frames_per_window
+        self.audio_context = AUDIO_HISTORY_FRAMES + cfg.audio_context_frames
+        first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
+        self.start_timestep = int(first_step)
+
+    def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions,
+                   generator: torch.Generator) -> torch.Tensor:
+        """The student's first sampling step over `frames` frames warm-started from `start` (B, C, h, w)."""
+        shape = (start.shape[0], frames, *start.shape[1:])
+        t = torch.full((shape[0],), self.start_timestep, dtype=torch.long, device=start.device)
+        noisy = torch.randn(shape, generator=generator).to(start.device, start.dtype)
+        if self.cfg.strength < 1.0:  # as the scheduler's add_noise: sqrt(a) x + sqrt(1 - a) noise
+            alpha_bar = expand_like(self.alphas_cumprod[t], noisy)
+            noisy = alpha_bar.sqrt() * start[:, None] + (1 - alpha_bar).sqrt() * noisy
+        return consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+
+    @torch.no_grad()
+    def own_motion_frames(self, batch: dict, reference, generator: torch.Generator) -> torch.Tensor:
+        """The motion frames as the student draws them as a clip's first window: (B, M, C, h, w)."""
+        cfg = self.cfg
+        m = cfg.motion_frames
+        latent, features = reference
+        cond = BackboneConditions(
+            reference_bank=features.bank,
+            motion=[out[:, None].expand(-1, m, -1, -1, -1).flatten(0, 1) for out in features.outputs],
+            audio=self.window_audio(batch["audio"], AUDIO_HISTORY_FRAMES + cfg.audio_context_frames, m),
+            speed=batch["speed"][:, :m].float(),
+            face_mask=face_masks(batch["face_box"][:, :m], cfg.resolution).to(latent.device, latent.dtype),
+        )
+        return self.first_step(latent, m, cond, generator).to(latent.dtype)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        reference = self.reference_features(batch)
+        motion = self.own_motion_frames(batch, reference, generator)
+        x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
+        denoised = self.first_step(start, x0.shape[1], cond, generator)
+        return weighted_mean(pseudo_huber(denoised, x0.float()), self.window_lip_weights(batch, x0))
