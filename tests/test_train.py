@@ -312,6 +312,23 @@ def test_warm_stage_draws_its_own_motion_frames(corpus):
     assert loss(altered(slice(m, None))) != loss(batch)
 
 
+def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(corpus, tmp_path, capsys):
+    teacher = AvatarPipeline.from_config("tiny", seed=0)
+    as_teacher(teacher)
+    teacher.save_pretrained(tmp_path / "ddim")
+    AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "two")  # the preset: LCM, 2 steps
+    tiny_student().save_pretrained(tmp_path / "one")
+    common = ["train", "--stage", "warm", "--data", str(corpus), "--batch-size", "1", "--limit-windows", "2", "--quiet"]
+    for init, message in (("ddim", "sampler lcm"), ("two", "1-step student")):
+        assert emote([*common, "--init", str(tmp_path / init), "--out", str(tmp_path / f"o-{init}")]) == 2
+        assert message in capsys.readouterr().err
+    run = [*common, "--init", str(tmp_path / "one"), "--out", str(tmp_path / "warm")]
+    assert emote([*run, "--steps", "1", "--warm-start", "portrait"]) == 0
+    capsys.readouterr()
+    assert emote([*run, "--steps", "2", "--resume"]) == 2  # the --init model starts from the previous frame
+    assert "warm_start portrait now previous" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -325,7 +342,6 @@ def test_warm_stage_draws_its_own_motion_frames(corpus):
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--resume", "--preset", "tiny"],
         ["train", "--stage", "4", "--data", "{corpus}", "--out", "{tmp}/o"],
         ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o"],
-        ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{ddim}"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--warm-start",
          "portrait"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
@@ -354,12 +370,8 @@ def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
         AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "teacher")
     if "{grown}" in argv:  # a student of another architecture than the teacher's
         grow_attention(AvatarPipeline.from_config("tiny", seed=0), [0]).save_pretrained(tmp_path / "grown")
-    if "{ddim}" in argv:  # a many-step teacher, which has no warm-start step to fine-tune
-        teacher = AvatarPipeline.from_config("tiny", seed=0)
-        as_teacher(teacher)
-        teacher.save_pretrained(tmp_path / "ddim")
-    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown",
-                     ddim=tmp_path / "ddim") for a in argv]
+    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown")
+            for a in argv]
     try:
         code = emote(argv)
     except SystemExit as exc:

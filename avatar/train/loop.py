@@ -408,4 +408,6 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     objective = build_objective(stage, pipe, frozen)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
-    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained)
+    # what the warm stage trains for is in no weight: a resume in the other mode would train on silently
+    warm_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength) if stage == "warm" else None
+    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained, objective_settings=warm_settings)

@@ -11,7 +11,11 @@ own blurred frames instead, window after window. This stage builds what inferenc
   at strength 1).
 It regresses the student's output there (through the LCM boundary scalings, as `LCMScheduler.step` denoises) onto
 the true frames, pseudo-Huber and lip-weighted like distillation. The whole backbone trains; the model keeps its
-sampler, steps and strength. Only the first sampling step is trained; for a 1-step student that is all of it.
+sampler, steps and strength. It takes 1-step students only: a student of n steps would need its later steps
+trained on its own earlier ones, and its motion frames drawn by all n.
+Approximations: the motion frames are drawn as a first window of M frames (at inference they are the last M of an
+F-frame window), and the face mask is the union of the window's face boxes, as in stage 2 (at inference, the
+portrait's).
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ class WarmStartObjective(PipelineModules):
         if cfg.sampler != "lcm":
             raise EmoteError(f"stage warm fine-tunes a distilled few-step student (sampler lcm); this model samples "
                              f"with {cfg.sampler}: distil it first (emote distill)")
+        if cfg.default_steps != 1:
+            raise EmoteError(f"stage warm fine-tunes a 1-step student; this model samples {cfg.default_steps} steps: "
+                             f"distil it with --num-inference-steps 1")
         self.window_frames = cfg.motion_frames + cfg.frames_per_window
         self.audio_context = AUDIO_HISTORY_FRAMES + cfg.audio_context_frames
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
