@@ -108,8 +108,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"--init {args.init} does not exist")
     if args.grow_attention and args.init is None:
         raise EmoteError("--grow-attention adds layers to a trained model: pass --init DIR")
-    if args.warm_start is not None and args.stage != "warm":
-        raise EmoteError("--warm-start applies to --stage warm only")
     from avatar.config import get_preset
 
     preset = args.preset or "default"

@@ -123,8 +123,7 @@ class ConsistencyDistillation(PipelineModules):
         t = self.grid[index]
         t_prev = (t - self.skip).clamp(min=0)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        alpha_bar = expand_like(self.alphas_cumprod[t], x0)
-        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        noisy = self.noised(x0, noise, t)
 
         prediction = self.consistency(self.backbone, noisy, t, cond)
         x_prev = self.teacher_ddim_step(noisy, t, t_prev, cond)

@@ -391,6 +391,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
 
     if stage in ("decoder", "2", "3", "warm") and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
+    if warm_start is not None and stage != "warm":
+        raise EmoteError("--warm-start applies to --stage warm only")
     if init is not None:
         pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
     else:
@@ -402,8 +404,6 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     if stage != "warm":
         as_teacher(pipe)
     if warm_start is not None:
-        if stage != "warm":
-            raise EmoteError("warm_start applies to stage warm only")
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
     objective = build_objective(stage, pipe, frozen)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,

@@ -198,8 +198,12 @@ class PipelineModules(nn.Module):
         t = torch.randint(0, self.cfg.num_train_timesteps, (b,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         alpha_bar = expand_like(self.alphas_cumprod[t], x0)
-        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-        return noisy, t, diffusion_target(self.cfg.prediction_type, x0, noise, alpha_bar)
+        return self.noised(x0, noise, t), t, diffusion_target(self.cfg.prediction_type, x0, noise, alpha_bar)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 noised to timesteps t (B,), as the schedulers' add_noise: sqrt(a) x0 + sqrt(1 - a) noise."""
+        alpha_bar = expand_like(self.alphas_cumprod[t], noise)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def window_audio(self, wave: torch.Tensor, skip_frames: int, frames: int) -> torch.Tensor:
         """Dataset audio (starting `skip_frames` frames before the first target frame) -> (B, F, tokens, D)."""

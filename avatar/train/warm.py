@@ -26,7 +26,7 @@ from avatar.schedulers import fresh_scheduler
 from avatar.unet import BackboneConditions
 
 from .distill import consistency_output, pseudo_huber
-from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, expand_like, face_masks, weighted_mean
+from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, face_masks, weighted_mean
 
 
 class WarmStartObjective(PipelineModules):
@@ -50,9 +50,8 @@ class WarmStartObjective(PipelineModules):
         shape = (start.shape[0], frames, *start.shape[1:])
         t = torch.full((shape[0],), self.start_timestep, dtype=torch.long, device=start.device)
         noisy = torch.randn(shape, generator=generator).to(start.device, start.dtype)
-        if self.cfg.strength < 1.0:  # as the scheduler's add_noise: sqrt(a) x + sqrt(1 - a) noise
-            alpha_bar = expand_like(self.alphas_cumprod[t], noisy)
-            noisy = alpha_bar.sqrt() * start[:, None] + (1 - alpha_bar).sqrt() * noisy
+        if self.cfg.strength < 1.0:
+            noisy = self.noised(start[:, None], noisy, t)
         return consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
 
     @torch.no_grad()
