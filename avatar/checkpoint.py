@@ -93,13 +93,15 @@ def _load_model_component(directory: Path, cls: type[ModelMixin], expected: dict
         config = cls.load_config(directory)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise CheckpointError(f"{config_file} is unreadable: {exc}") from exc
+    signature = inspect.signature(cls.__init__).parameters
     for key, value in expected.items():
-        stored = config.get(key)
+        # a key newer than the stored config holds the value that config was built with: the class default
+        stored = config.get(key, signature[key].default if key in signature else None)
         if isinstance(stored, list):
             stored = tuple(tuple(v) if isinstance(v, list) else v for v in stored)
         if stored != value:
             raise CheckpointError(f"{config_file}: {key} is {stored!r} but the model index says {value!r}")
-    accepted = set(inspect.signature(cls.__init__).parameters)
+    accepted = set(signature)
     model = cls.from_config({k: v for k, v in config.items() if k in accepted or k.startswith("_")})
     try:
         state = load_file(str(weights_file))

@@ -52,6 +52,9 @@ class ModelConfig:
     mel_layers: int = 3
     mel_lookahead: int = 2  # mel hops (10 ms each) of future audio each video frame may see
     wav2vec2_layers: tuple[int, ...] = ()  # hidden-state indices concatenated per frame
+    # Audio locator (0 = none): the frame's audio features, embedded to this many channels, painted into the lip
+    # region of the face box and added at the full latent resolution, where the mouth is drawn (avatar/unet.py).
+    audio_locator_channels: int = 0
 
     # Speed layers: head-rotation speed (deg/frame) -> tanh buckets, windowed, MLP, cross-attended by temporal layers.
     speed_bucket_centers: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -127,6 +130,8 @@ class ModelConfig:
             problems.append("need 1 <= min_steps <= default_steps")
         if not 0 < self.strength <= 1:
             problems.append(f"strength must be in (0, 1], got {self.strength}")
+        if not 0 <= self.audio_locator_channels <= 1024:
+            problems.append(f"audio_locator_channels must be in 0-1024, got {self.audio_locator_channels}")
         if self.warm_start not in WARM_STARTS:
             problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
         if problems:
@@ -188,6 +193,7 @@ PRESETS: dict[str, ModelConfig] = {
         mel_bins=40,
         mel_hidden_channels=96,
         mel_layers=4,
+        audio_locator_channels=32,
         # 3-frame windows (120 ms of audio) keep the streaming audio-to-lip latency under 300 ms on a 2-core CPU
         # (measured: docs/benchmarks.md); training uses the same window, so served and trained windows match.
         frames_per_window=3,

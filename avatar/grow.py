@@ -2,7 +2,8 @@
 
 Spatial attention (ReferenceNet self-attention into the backbone, audio cross-attention) can be added at UNet levels
 that have none: a new SpatialTransformer's output projection is zero-initialised and sits on a residual, so the grown
-model computes exactly what the trained one did until training moves it.
+model computes exactly what the trained one did until training moves it. So can the backbone's audio locator
+(`ModelConfig.audio_locator_channels`), whose output convolution is zero-initialised.
 """
 from __future__ import annotations
 
@@ -25,14 +26,32 @@ def grow_attention(pipe: AvatarPipeline, levels: Iterable[int], seed: int = 0) -
         if attention[level]:
             raise EmoteError(f"level {level} already has spatial attention")
         attention[level] = True
-    cfg = pipe.config.replace(attention_levels=tuple(attention)).validate()
+    return _grown(pipe, pipe.config.replace(attention_levels=tuple(attention)), seed, ".spatial.", grow_reference=True)
+
+
+def grow_audio_locator(pipe: AvatarPipeline, channels: int, seed: int = 0) -> AvatarPipeline:
+    """`pipe` with an audio locator of `channels` channels added to its backbone (new weights from `seed`)."""
+    if pipe.config.audio_locator_channels:
+        raise EmoteError(f"the model already has an audio locator ({pipe.config.audio_locator_channels} channels)")
+    if channels < 1:
+        raise EmoteError(f"an audio locator needs at least 1 channel, got {channels}")
+    return _grown(pipe, pipe.config.replace(audio_locator_channels=channels), seed, "audio_locator.",
+                  grow_reference=False)
+
+
+def _grown(pipe: AvatarPipeline, cfg, seed: int, new_names: str, grow_reference: bool) -> AvatarPipeline:
+    """`pipe` rebuilt to `cfg`, every trained weight kept; the only new weights are those whose names contain
+    `new_names`, drawn from `seed`."""
+    cfg = cfg.validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference_net = ReferenceNet(**reference_net_kwargs(cfg))
+        reference_net = ReferenceNet(**reference_net_kwargs(cfg)) if grow_reference else pipe.reference_net
         backbone = EmoBackbone(**backbone_kwargs(cfg))
     for grown, trained in ((reference_net, pipe.reference_net), (backbone, pipe.backbone)):
+        if grown is trained:
+            continue
         missing, unexpected = grown.load_state_dict(trained.state_dict(), strict=False)
-        if unexpected or not all(".spatial." in name for name in missing):
-            raise EmoteError("growing attention changed more than the new attention blocks")
+        if unexpected or not all(new_names in name for name in missing):
+            raise EmoteError(f"growing the model changed more than its new {new_names.strip('.')} weights")
     return AvatarPipeline(cfg, pipe.vae, reference_net, backbone, pipe.audio_encoder, pipe.scheduler,
                           device=pipe.device, dtype=pipe.dtype, trained=pipe.trained)

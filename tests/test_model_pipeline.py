@@ -276,6 +276,16 @@ def test_mismatched_component_config_is_named(model_copy):
         AvatarPipeline.from_pretrained(model_copy)
 
 
+def test_a_model_saved_before_a_config_key_existed_loads(model_copy):
+    """A checkpoint written before `audio_locator_channels` existed has it in neither JSON: it loads as 0 (none)."""
+    for path, section in ((model_copy / "model_index.json", "model"), (model_copy / "backbone" / "config.json", None)):
+        data = json.loads(path.read_text())
+        (data[section] if section else data).pop("audio_locator_channels")
+        path.write_text(json.dumps(data))
+    loaded = AvatarPipeline.from_pretrained(model_copy)
+    assert loaded.config.audio_locator_channels == 0 and loaded.backbone.audio_locator is None
+
+
 def test_weights_from_another_model_are_named(model_copy, tmp_path):
     bigger = AvatarPipeline.from_config(AvatarPipeline.from_pretrained(model_copy).config.replace(block_out_channels=(16, 48)))
     bigger.save_pretrained(tmp_path / "bigger")

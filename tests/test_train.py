@@ -11,11 +11,11 @@ import torch
 from torch.utils.data import default_collate
 
 from avatar.errors import EmoteError
-from avatar.grow import grow_attention
+from avatar.grow import grow_attention, grow_audio_locator
 from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
 from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_loop, train_stage
-from avatar.train.stages import build_objective
+from avatar.train.stages import FAST_LR_SCALE, build_objective
 from server.cli import main as emote
 
 STAGE_LR = {"vae": 3e-3, "decoder": 3e-3, "audio": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
@@ -127,6 +127,38 @@ def test_lip_weights_follow_the_face_box():
     target = torch.zeros_like(target)
     target[0, 0, :, lips[0]] = 1  # error only on the first frame's lips: weighted up against the plain mean
     assert weighted_mean((prediction - target).square(), weights).item() > 2 * torch.mean(target).item()
+
+
+def test_audio_locator_paints_the_lip_region_the_loss_weights():
+    """The audio locator's region, found from the face mask alone, is the lip region the loss weights up."""
+    from avatar.train.stages import face_masks, lip_weights
+    from avatar.unet import lip_region_maps
+
+    boxes = torch.tensor([[[0.25, 0.125, 0.75, 0.75]], [[0.0, 0.0, 0.5, 0.5]]])  # two windows of one frame
+    maps = lip_region_maps(face_masks(boxes, 128), 16)
+    assert maps.shape == (2, 3, 16, 16)
+    assert torch.equal(maps[:, 0] > 0, lip_weights(boxes, 16)[:, 0, 0] > 1)
+    inside = maps[:, 0] > 0
+    for channel in (1, 2):  # relative x and y: in [0, 1] inside, zero outside
+        assert maps[:, channel][inside].min() >= 0 and maps[:, channel][inside].max() <= 1
+        assert not maps[:, channel][~inside].any()
+    assert maps[0, 1][inside[0]].unique().numel() > 2 and maps[0, 2][inside[0]].unique().numel() > 2
+    assert not lip_region_maps(torch.zeros(1, 1, 128, 128), 16).any()  # no face, no region
+
+
+def test_mouth_expert_reads_the_lip_region_and_cannot_be_trained_by_the_student():
+    from avatar.train.lipsync import CROP_SIZE, MouthExpert, lip_crops
+    from avatar.train.stages import lip_weights
+
+    box = torch.tensor([[0.25, 0.125, 0.75, 0.75]])
+    images = -torch.ones(1, 3, 128, 128)
+    images[:, :, lip_weights(box[:, None], 128)[0, 0, 0] > 1] = 1.0  # white exactly where the lip region is
+    crops = lip_crops(images, box)
+    assert crops.shape == (1, 3, *CROP_SIZE) and crops[:, :, 1:-1, 1:-1].min() > 0.99  # the region, nothing else
+    expert = MouthExpert(fields=5)
+    student_frames = images.clone().requires_grad_(True)
+    expert.frozen_reading(lip_crops(student_frames, box)).sum().backward()
+    assert student_frames.grad.abs().sum() > 0 and all(p.grad is None for p in expert.parameters())
 
 
 def test_training_keeps_a_small_corpus_decoded(corpus):
@@ -271,7 +303,8 @@ def test_warm_stage_fits_the_students_warm_start_and_keeps_its_sampler(corpus, t
     assert objective.start_timestep == 499  # LCMScheduler.set_timesteps(1, strength=0.5) on the 10-point grid
     before, after, changed = overfit(objective, corpus, tmp_path / "fit", steps=30, lr=1e-3)
     assert after < 0.8 * before, (before, after)
-    assert changed and all(n.startswith("backbone.") for n in changed)
+    assert all(n.startswith(("backbone.", "expert.")) for n in changed)  # the mouth expert trains alongside
+    assert any(n.startswith("backbone.") for n in changed) and any(n.startswith("expert.") for n in changed)
 
     tiny_student(seed=1).save_pretrained(tmp_path / "student")
     settings = LoopSettings(out=tmp_path / "warm", steps=2, batch_size=1, lr=1e-4, save_every=10**6, progress=False)
@@ -347,6 +380,12 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "5"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-audio-locator",
+         "8"],
+        ["train", "--stage", "2", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--grow-audio-locator", "-1"],
+        ["train", "--stage", "2", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{located}",
+         "--grow-audio-locator", "8"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "ears"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "backbone",
          "--freeze", "reference_net"],
@@ -370,8 +409,10 @@ def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
         AvatarPipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "teacher")
     if "{grown}" in argv:  # a student of another architecture than the teacher's
         grow_attention(AvatarPipeline.from_config("tiny", seed=0), [0]).save_pretrained(tmp_path / "grown")
-    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown")
-            for a in argv]
+    if "{located}" in argv:  # a model that has an audio locator already
+        grow_audio_locator(AvatarPipeline.from_config("tiny", seed=0), 8).save_pretrained(tmp_path / "located")
+    argv = [a.format(tmp=tmp_path, corpus=corpus, teacher=tmp_path / "teacher", grown=tmp_path / "grown",
+                     located=tmp_path / "located") for a in argv]
     try:
         code = emote(argv)
     except SystemExit as exc:
@@ -415,6 +456,51 @@ def test_grown_attention_starts_as_the_trained_model_then_trains(corpus, tmp_pat
     assert torch.allclose(window(grown), window(pipe), atol=1e-5)
     _, _, changed = overfit(build_objective("1", grown), corpus, tmp_path, steps=3, lr=2e-3)
     assert {f"backbone.{n}" for n in new} & changed
+
+
+def test_grown_audio_locator_starts_as_the_trained_model_then_trains_on_the_audio(corpus, tmp_path, portrait):
+    """An audio locator added to a trained model changes nothing until trained; stage 2 trains it, and then the
+    window depends on the audio through it."""
+    from avatar.pipeline import WindowInput, window_seed
+    from conftest import speech_like
+
+    pipe = AvatarPipeline.from_config("tiny", seed=3)
+    grown = grow_audio_locator(pipe, 8)
+    assert grown.config.audio_locator_channels == 8 and pipe.config.audio_locator_channels == 0
+    new = {n for n, _ in grown.backbone.named_parameters()} - {n for n, _ in pipe.backbone.named_parameters()}
+    assert new and all(n.startswith("audio_locator.") for n in new), sorted(new)[:4]
+
+    def window(p, audio=None, locator=True):
+        cache = p.prepare_reference(portrait)
+        if audio is None:
+            audio = p.audio_windows(p.encode_audio(speech_like(0.16)))
+        motion = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        saved = p.backbone.audio_locator
+        p.backbone.audio_locator = saved if locator else None
+        try:
+            return p.denoise_windows([WindowInput(cache, audio, torch.zeros(4), motion, window_seed(0, 1))], steps=2)
+        finally:
+            p.backbone.audio_locator = saved
+
+    assert torch.allclose(window(grown), window(pipe), atol=1e-6)
+    objective = build_objective("2", grown)
+    groups = objective.optimizer_groups(objective.set_trainable(), 1e-3)
+    locator = {id(p) for p in grown.backbone.audio_locator.parameters()}
+    assert [{id(p) for p in g["params"]} == locator for g in groups] == [False, True]  # it trains faster
+    assert groups[1]["lr"] == pytest.approx(1e-3 * FAST_LR_SCALE) and groups[0]["lr"] == 1e-3
+    _, _, changed = overfit(objective, corpus, tmp_path, steps=3, lr=2e-3)
+    assert {f"backbone.{n}" for n in new} <= changed
+    silence = grown.audio_windows(grown.encode_audio(torch.zeros(int(0.16 * 16000))))
+    assert not torch.allclose(window(grown), window(grown, locator=False), atol=1e-4)  # it is used, and
+    assert not torch.allclose(window(grown) - window(grown, audio=silence),  # its effect follows the audio
+                              window(grown, locator=False) - window(grown, audio=silence, locator=False), atol=1e-4)
+
+    grown.save_pretrained(tmp_path / "grown")
+    reloaded = AvatarPipeline.from_pretrained(tmp_path / "grown")
+    assert reloaded.config.audio_locator_channels == 8
+    assert all(torch.equal(v, grown.backbone.state_dict()[k]) for k, v in reloaded.backbone.state_dict().items())
+    with pytest.raises(EmoteError, match="already has an audio locator"):
+        grow_audio_locator(grown, 8)
 
 
 def test_resume_with_another_architecture_is_a_clear_error(corpus, tmp_path, capsys):

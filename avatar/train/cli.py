@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     train.add_argument("--grow-attention", action="append", type=int, default=[], metavar="LEVEL",
                        help="add spatial attention (reference and audio) at this UNet level of the --init model, "
                             "0 = full latent resolution; new blocks start as the identity (repeatable)")
+    train.add_argument("--grow-audio-locator", type=int, default=0, metavar="CHANNELS",
+                       help="add an audio locator of this many channels to the --init model's backbone: the audio "
+                            "painted into the lip region at the full latent resolution; it starts as the identity")
     train.add_argument("--warm-start", choices=WARM_STARTS, default=None,
                        help="stage warm: what the student's windows start from, saved in the model (default: the "
                             "--init model's): the previous frame, or the portrait for every window")
@@ -106,8 +109,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
-    if args.grow_attention and args.init is None:
-        raise EmoteError("--grow-attention adds layers to a trained model: pass --init DIR")
+    if (args.grow_attention or args.grow_audio_locator) and args.init is None:
+        raise EmoteError("--grow-attention and --grow-audio-locator add layers to a trained model: pass --init DIR")
+    if not 0 <= args.grow_audio_locator <= 1024:
+        raise EmoteError(f"--grow-audio-locator must be between 1 and 1024 channels (0: none), "
+                         f"got {args.grow_audio_locator}")
     from avatar.config import get_preset
 
     preset = args.preset or "default"
@@ -116,7 +122,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
                         limit_windows=args.limit_windows, frozen=tuple(args.freeze),
-                        grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start))
+                        grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start,
+                        grow_audio_locator=args.grow_audio_locator))
     return 0
 
 

@@ -229,7 +229,8 @@ def run_loop(
 
     # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
     params = objective.set_trainable()
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    groups = objective.optimizer_groups(params, s.lr) if hasattr(objective, "optimizer_groups") else params
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=s.warmup_steps)
     ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
     counter = Counter()
@@ -241,7 +242,8 @@ def run_loop(
             accelerator.load_state(str(state_dir))
         except RuntimeError as exc:  # torch's state-dict mismatch: another architecture or trainable set
             raise EmoteError(f"--resume: the state in {state_dir} does not fit this model; resume with the first "
-                             f"run's --init, --freeze and --grow-attention ({str(exc).splitlines()[0]})") from None
+                             f"run's --init, --freeze, --grow-attention and --grow-audio-locator "
+                             f"({str(exc).splitlines()[0]})") from None
         if accelerator.is_main_process:
             truncate_log(log_path, counter.step)
     start_step = counter.step
@@ -378,13 +380,14 @@ def as_teacher(pipe) -> None:
 
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
-                grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None) -> LoopResult:
+                grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
+                grow_audio_locator: int = 0) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), or `warm` on a distilled student, starting from
     `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
-    `grow_attention_levels` adds spatial attention at those UNet levels of `init` first (avatar/grow.py). Stage
-    outputs are teachers (DDIM); `warm` keeps the student's sampler, and `warm_start` sets what its windows start
-    from (`ModelConfig.warm_start`)."""
-    from avatar.grow import grow_attention
+    `grow_attention_levels` adds spatial attention at those UNet levels of `init` first, `grow_audio_locator` an audio
+    locator of that many channels (avatar/grow.py). Stage outputs are teachers (DDIM); `warm` keeps the student's
+    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`)."""
+    from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
     from .stages import build_objective
@@ -401,6 +404,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         if init is None:
             raise EmoteError("growing attention continues a trained model: pass --init DIR")
         pipe = grow_attention(pipe, grow_attention_levels, seed=settings.seed)
+    if grow_audio_locator:
+        if init is None:
+            raise EmoteError("growing an audio locator continues a trained model: pass --init DIR")
+        pipe = add_audio_locator(pipe, grow_audio_locator, seed=settings.seed)
     if stage != "warm":
         as_teacher(pipe)
     if warm_start is not None:

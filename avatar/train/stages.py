@@ -30,7 +30,7 @@ from avatar.config import ModelConfig
 from avatar.data.corpus import PARAM_COLUMNS
 from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
-from avatar.unet import BackboneConditions, parameter_group
+from avatar.unet import LIP_REGION_IN_FACE, BackboneConditions, parameter_group
 
 STAGES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
@@ -42,12 +42,13 @@ DROP_REFERENCE_P = 0.05
 FIRST_WINDOW_P = 0.2
 # Extra frames of audio before the window, so the causal mel encoder sees history as it does at inference.
 AUDIO_HISTORY_FRAMES = 8
+# Layers that start from zero beside trained ones (the audio locator; the warm stage's mouth expert) train at this
+# multiple of --lr. The locator's signal, the mouth's opening, is a small part of any loss (docs/training.md), and at
+# the run's LR it stayed near its zero start: output std 1e-4 after 1,000 warm-stage steps.
+FAST_LR_SCALE = 30.0
 # Every objective but stage 1 weights its loss by 1 + LIP_LOSS_WEIGHT inside the lip region (cf. Hallo's lip loss):
 # the mouth covers ~4% of a latent frame, and without the weight its error is drowned by the static rest.
 LIP_LOSS_WEIGHT = 4.0
-# Where the mouth lies inside the face box (x0, y0, x1, y1), as fractions of its width and height; it covers the
-# corpus's mouths at any opening (measured on rendered identities: y 0.67-0.94, x 0.29-0.71).
-LIP_REGION_IN_FACE = (0.25, 0.62, 0.75, 0.97)
 
 
 def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> bool:
@@ -181,6 +182,18 @@ class PipelineModules(nn.Module):
         if not params:
             raise EmoteError(f"stage {self.stage} has no parameters to train in preset {self.cfg.preset}")
         return params
+
+    def fast_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them)."""
+        return list(self.backbone.audio_locator.parameters()) if self.backbone.audio_locator is not None else []
+
+    def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
+        """`params` (from `set_trainable`) as optimizer parameter groups: `fast_parameters` at FAST_LR_SCALE x `lr`,
+        the rest at `lr`."""
+        fast = {id(p) for p in self.fast_parameters()}
+        groups = [{"params": [p for p in params if id(p) not in fast], "lr": lr},
+                  {"params": [p for p in params if id(p) in fast], "lr": lr * FAST_LR_SCALE}]
+        return [g for g in groups if g["params"]]
 
     # ---- shared pieces of the diffusion objectives -------------------------------------------------------------
 

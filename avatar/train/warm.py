@@ -10,7 +10,10 @@ own blurred frames instead, window after window. This stage builds what inferenc
 - the window starts from the last of them, or from the portrait, noised to the sampler's first timestep (pure noise
   at strength 1).
 It regresses the student's output there (through the LCM boundary scalings, as `LCMScheduler.step` denoises) onto
-the true frames, pseudo-Huber and lip-weighted like distillation. The whole backbone trains; the model keeps its
+the true frames, pseudo-Huber and lip-weighted like distillation, plus an L1 loss on the decoded lip region
+(`PIXEL_LIP_LOSS_WEIGHT`) and a lip-sync loss: a mouth expert (`lipsync.py`), trained alongside on the true frames
+(through the autoencoder), reads the mouth parameters off the decoded frames, and its reading is pulled to the
+parameters the audio was rendered with (`SYNC_LOSS_WEIGHT`). The whole backbone trains; the model keeps its
 sampler, steps and strength. It takes 1-step students only: a student of n steps would need its later steps
 trained on its own earlier ones, and its motion frames drawn by all n.
 Approximations: the motion frames are drawn as a first window of M frames (at inference they are the last M of an
@@ -20,13 +23,27 @@ portrait's).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from avatar import vae as vae_ops
+from avatar.data.corpus import PARAM_COLUMNS
+from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.schedulers import fresh_scheduler
 from avatar.unet import BackboneConditions
 
 from .distill import consistency_output, pseudo_huber
-from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, face_masks, weighted_mean
+from .lipsync import MouthExpert, lip_crops
+from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, face_masks, images_from_uint8, lip_weights, weighted_mean
+
+# The decoded lip region's mean L1 error, added with this weight to the latent loss. A mouth's opening barely moves the
+# 4-channel latent (measured on the fourth run's student: the opening explains ~2 % of its lip-patch latent error, and
+# audio features none of it), while in pixels it is the frame's highest-contrast change; MuseTalk and LatentSync
+# supervise decoded frames for the same reason. The weight puts both terms at a similar size at the start.
+PIXEL_LIP_LOSS_WEIGHT = 0.5
+# The mouth expert's reading of the student's frames against the true mouth parameters (mean squared error): the
+# pixel loss sees a wrong mouth as a few dark pixels among many; the expert sees nothing else.
+SYNC_LOSS_WEIGHT = 1.0
 
 
 class WarmStartObjective(PipelineModules):
@@ -43,6 +60,14 @@ class WarmStartObjective(PipelineModules):
         self.audio_context = AUDIO_HISTORY_FRAMES + cfg.audio_context_frames
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
         self.start_timestep = int(first_step)
+        self.mouth_columns = [PARAM_COLUMNS.index(name) for name in MOUTH_FIELDS]
+        self.expert = MouthExpert(len(MOUTH_FIELDS))
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return super().trainable_named_parameters() + [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
+
+    def fast_parameters(self) -> list[torch.nn.Parameter]:
+        return super().fast_parameters() + list(self.expert.parameters())
 
     def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions,
                    generator: torch.Generator) -> torch.Tensor:
@@ -74,4 +99,19 @@ class WarmStartObjective(PipelineModules):
         motion = self.own_motion_frames(batch, reference, generator)
         x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
         denoised = self.first_step(start, x0.shape[1], cond, generator)
-        return weighted_mean(pseudo_huber(denoised, x0.float()), self.window_lip_weights(batch, x0))
+        latent_loss = weighted_mean(pseudo_huber(denoised, x0.float()), self.window_lip_weights(batch, x0))
+        m, res = self.cfg.motion_frames, self.cfg.resolution
+        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(denoised.device)
+        decoded = vae_ops.decode(self.vae, denoised.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
+        boxes = batch["face_box"][:, m:]
+        # the decoded lip region's L1 error (the frozen decoder passes the gradient on to the latents)
+        lips = (lip_weights(boxes, res).flatten(0, 1) > 1).to(decoded.device, decoded.dtype)
+        pixel_loss = weighted_mean((decoded - truth).abs(), lips)
+        # the expert learns to read true mouths, through the autoencoder as the student's are; the student learns to
+        # draw mouths it reads as the true ones
+        mouth = batch["params"][:, m:][..., self.mouth_columns].flatten(0, 1).float().to(decoded.device)
+        with torch.no_grad():
+            reconstructed = vae_ops.decode(self.vae, x0.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
+        expert_loss = F.mse_loss(self.expert(lip_crops(reconstructed, boxes.flatten(0, 1))), mouth)
+        sync_loss = F.mse_loss(self.expert.frozen_reading(lip_crops(decoded, boxes.flatten(0, 1))), mouth)
+        return latent_loss + PIXEL_LIP_LOSS_WEIGHT * pixel_loss + SYNC_LOSS_WEIGHT * sync_loss + expert_loss
