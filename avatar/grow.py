@@ -26,7 +26,7 @@ def grow_attention(pipe: AvatarPipeline, levels: Iterable[int], seed: int = 0) -
         if attention[level]:
             raise EmoteError(f"level {level} already has spatial attention")
         attention[level] = True
-    return _grown(pipe, pipe.config.replace(attention_levels=tuple(attention)), seed, ".spatial.", grow_reference=True)
+    return _grown(pipe, pipe.config.replace(attention_levels=tuple(attention)), seed, ".spatial.")
 
 
 def grow_audio_locator(pipe: AvatarPipeline, channels: int, seed: int = 0) -> AvatarPipeline:
@@ -35,14 +35,14 @@ def grow_audio_locator(pipe: AvatarPipeline, channels: int, seed: int = 0) -> Av
         raise EmoteError(f"the model already has an audio locator ({pipe.config.audio_locator_channels} channels)")
     if channels < 1:
         raise EmoteError(f"an audio locator needs at least 1 channel, got {channels}")
-    return _grown(pipe, pipe.config.replace(audio_locator_channels=channels), seed, "audio_locator.",
-                  grow_reference=False)
+    return _grown(pipe, pipe.config.replace(audio_locator_channels=channels), seed, "audio_locator.")
 
 
-def _grown(pipe: AvatarPipeline, cfg, seed: int, new_names: str, grow_reference: bool) -> AvatarPipeline:
+def _grown(pipe: AvatarPipeline, cfg, seed: int, new_names: str) -> AvatarPipeline:
     """`pipe` rebuilt to `cfg`, every trained weight kept; the only new weights are those whose names contain
-    `new_names`, drawn from `seed`."""
+    `new_names`, drawn from `seed`. The ReferenceNet is rebuilt only if `cfg` changes its layout."""
     cfg = cfg.validate()
+    grow_reference = reference_net_kwargs(cfg) != reference_net_kwargs(pipe.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         reference_net = ReferenceNet(**reference_net_kwargs(cfg)) if grow_reference else pipe.reference_net

@@ -24,6 +24,14 @@ from .attention import SpatialTransformer, TemporalTransformer
 LIP_REGION_IN_FACE = (0.25, 0.62, 0.75, 0.97)
 
 
+def lip_region(face_box: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(..., 4) normalised face boxes -> the edges x0, y0, x1, y1 (each (...)) of their lip regions."""
+    x0, y0, x1, y1 = face_box.unbind(-1)
+    fx0, fy0, fx1, fy1 = LIP_REGION_IN_FACE
+    w, h = x1 - x0, y1 - y0
+    return x0 + fx0 * w, y0 + fy0 * h, x0 + fx1 * w, y0 + fy1 * h
+
+
 @dataclass
 class SlotFeatures:
     """What the ReferenceNet records, per slot: the bank (self-attention inputs) and the slot outputs."""
@@ -222,8 +230,8 @@ class FaceLocator(nn.Module):
 
 
 def lip_region_maps(face_mask: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 1, R, R) face-box masks -> (B, 3, size, size): the lip region of each box (`LIP_REGION_IN_FACE` of the
-    mask's bounding box) and, inside it, the relative x and y in [0, 1]; zero outside (and for an empty mask)."""
+    """(B, 1, R, R) face-box masks -> (B, 3, size, size): the lip region of each box (`lip_region` of the mask's
+    bounding box) and, inside it, the relative x and y in [0, 1]; zero outside (and for an empty mask)."""
     present = face_mask[:, 0] > 0.5  # (B, R, R)
     resolution = face_mask.shape[-1]
     index = torch.arange(resolution, device=face_mask.device, dtype=torch.float32)
@@ -235,9 +243,7 @@ def lip_region_maps(face_mask: torch.Tensor, size: int) -> torch.Tensor:
 
     x0, x1 = extent(present.any(1))
     y0, y1 = extent(present.any(2))
-    fx0, fy0, fx1, fy1 = LIP_REGION_IN_FACE
-    lx0, lx1 = x0 + fx0 * (x1 - x0), x0 + fx1 * (x1 - x0)
-    ly0, ly1 = y0 + fy0 * (y1 - y0), y0 + fy1 * (y1 - y0)
+    lx0, ly0, lx1, ly1 = lip_region(torch.stack([x0, y0, x1, y1], -1))
     grid = (torch.arange(size, device=face_mask.device, dtype=torch.float32) + 0.5) / size
     u = (grid - lx0[:, None]) / (lx1 - lx0).clamp_min(1e-6)[:, None]  # (B, size)
     v = (grid - ly0[:, None]) / (ly1 - ly0).clamp_min(1e-6)[:, None]

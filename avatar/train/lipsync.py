@@ -13,20 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from avatar.unet import LIP_REGION_IN_FACE
+from avatar.unet import lip_region
 
 CROP_SIZE = (24, 32)  # rows, columns of the lip-region crop the expert reads
 
 
 def lip_crops(images: torch.Tensor, face_box: torch.Tensor) -> torch.Tensor:
     """(N, 3, R, R) images, (N, 4) normalised face boxes -> (N, 3, *CROP_SIZE) crops of each box's lip region."""
-    x0, y0, x1, y1 = face_box.to(images.device, torch.float32).unbind(-1)
-    fx0, fy0, fx1, fy1 = LIP_REGION_IN_FACE
+    x0, y0, x1, y1 = lip_region(face_box.to(images.device, torch.float32))
     rows, cols = CROP_SIZE
     u = (torch.arange(cols, device=images.device) + 0.5) / cols
     v = (torch.arange(rows, device=images.device) + 0.5) / rows
-    gx = x0[:, None] + (fx0 + u[None] * (fx1 - fx0)) * (x1 - x0)[:, None]  # (N, cols), in [0, 1]
-    gy = y0[:, None] + (fy0 + v[None] * (fy1 - fy0)) * (y1 - y0)[:, None]  # (N, rows)
+    gx = x0[:, None] + u[None] * (x1 - x0)[:, None]  # (N, cols), in [0, 1]
+    gy = y0[:, None] + v[None] * (y1 - y0)[:, None]  # (N, rows)
     grid = torch.stack([gx[:, None, :].expand(-1, rows, -1), gy[:, :, None].expand(-1, -1, cols)], -1) * 2 - 1
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
 

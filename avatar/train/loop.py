@@ -229,8 +229,7 @@ def run_loop(
 
     # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
     params = objective.set_trainable()
-    groups = objective.optimizer_groups(params, s.lr) if hasattr(objective, "optimizer_groups") else params
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(objective.optimizer_groups(params, s.lr), lr=s.lr, weight_decay=s.weight_decay)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=s.warmup_steps)
     ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
     counter = Counter()
