@@ -229,6 +229,18 @@ class FaceLocator(nn.Module):
         return self.net(mask)
 
 
+def lip_region_grid(face_box: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., 4) normalised face boxes -> (u, v, inside) on a size x size grid of pixel centres: the relative x (...,
+    size) and y (..., size) in each box's lip region ([0, 1] inside it), and where both are inside (..., size, size;
+    rows are y)."""
+    lx0, ly0, lx1, ly1 = lip_region(face_box)
+    grid = (torch.arange(size, device=face_box.device, dtype=torch.float32) + 0.5) / size
+    u = (grid - lx0[..., None]) / (lx1 - lx0).clamp_min(1e-6)[..., None]
+    v = (grid - ly0[..., None]) / (ly1 - ly0).clamp_min(1e-6)[..., None]
+    inside = ((v >= 0) & (v <= 1))[..., :, None] & ((u >= 0) & (u <= 1))[..., None, :]
+    return u, v, inside
+
+
 def lip_region_maps(face_mask: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 1, R, R) face-box masks -> (B, 3, size, size): the lip region of each box (`lip_region` of the mask's
     bounding box) and, inside it, the relative x and y in [0, 1]; zero outside (and for an empty mask)."""
@@ -243,11 +255,7 @@ def lip_region_maps(face_mask: torch.Tensor, size: int) -> torch.Tensor:
 
     x0, x1 = extent(present.any(1))
     y0, y1 = extent(present.any(2))
-    lx0, ly0, lx1, ly1 = lip_region(torch.stack([x0, y0, x1, y1], -1))
-    grid = (torch.arange(size, device=face_mask.device, dtype=torch.float32) + 0.5) / size
-    u = (grid - lx0[:, None]) / (lx1 - lx0).clamp_min(1e-6)[:, None]  # (B, size)
-    v = (grid - ly0[:, None]) / (ly1 - ly0).clamp_min(1e-6)[:, None]
-    inside = ((u >= 0) & (u <= 1))[:, None, :] & ((v >= 0) & (v <= 1))[:, :, None]  # (B, y, x)
+    u, v, inside = lip_region_grid(torch.stack([x0, y0, x1, y1], -1), size)
     inside = inside.float()
     return torch.stack([inside, inside * u[:, None, :], inside * v[:, :, None]], 1).to(face_mask.dtype)
 

@@ -111,9 +111,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"--init {args.init} does not exist")
     if (args.grow_attention or args.grow_audio_locator) and args.init is None:
         raise EmoteError("--grow-attention and --grow-audio-locator add layers to a trained model: pass --init DIR")
-    if not 0 <= args.grow_audio_locator <= 1024:
-        raise EmoteError(f"--grow-audio-locator must be between 1 and 1024 channels (0: none), "
-                         f"got {args.grow_audio_locator}")
     from avatar.config import get_preset
 
     preset = args.preset or "default"

@@ -30,7 +30,7 @@ from avatar.config import ModelConfig
 from avatar.data.corpus import PARAM_COLUMNS
 from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
-from avatar.unet import BackboneConditions, lip_region, parameter_group
+from avatar.unet import BackboneConditions, lip_region_grid, parameter_group
 
 STAGES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
@@ -94,12 +94,8 @@ def face_masks(face_box: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def lip_weights(face_box: torch.Tensor, size: int) -> torch.Tensor:
     """(B, F, 4) normalised face boxes -> (B, F, 1, size, size) loss weights: 1 + LIP_LOSS_WEIGHT on the lips."""
-    x0, y0, x1, y1 = lip_region(face_box.float())
-    grid = (torch.arange(size, device=face_box.device, dtype=torch.float32) + 0.5) / size
-    inside_x = (grid >= x0[..., None]) & (grid <= x1[..., None])
-    inside_y = (grid >= y0[..., None]) & (grid <= y1[..., None])
-    lips = (inside_y[..., :, None] & inside_x[..., None, :]).float()
-    return (1 + LIP_LOSS_WEIGHT * lips)[:, :, None]
+    _, _, lips = lip_region_grid(face_box.float(), size)
+    return (1 + LIP_LOSS_WEIGHT * lips.float())[:, :, None]
 
 
 def weighted_mean(errors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
