@@ -161,6 +161,22 @@ def test_mouth_expert_reads_the_lip_region_and_cannot_be_trained_by_the_student(
     assert student_frames.grad.abs().sum() > 0 and all(p.grad is None for p in expert.parameters())
 
 
+def test_mouth_error_counts_each_parameter_in_units_of_its_spread():
+    from avatar.train.lipsync import MOUTH_FIELD_SCALE, mouth_error
+
+    truth = torch.rand(6, 5)
+    scale = torch.tensor(MOUTH_FIELD_SCALE)
+    for field in range(5):  # one spread off in any one field costs the same, whatever that field's raw range
+        off = truth.clone()
+        off[:, field] += scale[field]
+        assert mouth_error(off, truth).item() == pytest.approx(1 / 5)
+    assert mouth_error(truth, truth).item() == 0
+    # the opening's spread is below the width's: the same raw error costs more on the opening
+    zero = torch.zeros(6, 5)
+    opening, width = torch.eye(5)[0] * 0.1, torch.eye(5)[1] * 0.1
+    assert mouth_error(zero + opening, zero) > mouth_error(zero + width, zero)
+
+
 def test_training_keeps_a_small_corpus_decoded(corpus):
     dataset = open_dataset(corpus, num_frames=3, audio_context=2, seed=0)
     assert dataset._load.cache_info().maxsize is None  # decoded once: shuffled windows do not decode per item

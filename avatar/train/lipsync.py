@@ -16,6 +16,16 @@ from torch.func import functional_call
 from avatar.unet import lip_region
 
 CROP_SIZE = (24, 32)  # rows, columns of the lip-region crop the expert reads
+# Each mouth parameter's spread (standard deviation) over the corpus, in MOUTH_FIELDS order (opening, width, rounding,
+# teeth, tongue). Errors are counted in these units: in raw units the width (spread 0.36) weighed three times the
+# opening (0.20), which is what a lip-sync measure reads.
+MOUTH_FIELD_SCALE = (0.203, 0.360, 0.257, 0.301, 0.166)
+
+
+def mouth_error(reading: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of (N, fields) mouth readings, each field in units of its corpus spread."""
+    scale = torch.tensor(MOUTH_FIELD_SCALE, device=reading.device, dtype=reading.dtype)
+    return ((reading - truth) / scale).square().mean()
 
 
 def lip_crops(images: torch.Tensor, face_box: torch.Tensor) -> torch.Tensor:
