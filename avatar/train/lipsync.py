@@ -16,9 +16,10 @@ from torch.func import functional_call
 from avatar.unet import lip_region
 
 CROP_SIZE = (24, 32)  # rows, columns of the lip-region crop the expert reads
-# Each mouth parameter's spread (standard deviation) over the corpus, in MOUTH_FIELDS order (opening, width, rounding,
-# teeth, tongue). Errors are counted in these units: in raw units the width (spread 0.36) weighed three times the
-# opening (0.20), which is what a lip-sync measure reads.
+# Each mouth parameter's spread (standard deviation) over the training split of the shipped model's corpus (`emote
+# corpus --seed 0`), in MOUTH_FIELDS order (opening, width, rounding, teeth, tongue). Errors are counted in these
+# units: in raw units the width (spread 0.36) weighed three times the opening (0.20), which is what lip sync is
+# measured on.
 MOUTH_FIELD_SCALE = (0.203, 0.360, 0.257, 0.301, 0.166)
 
 

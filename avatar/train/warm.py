@@ -42,10 +42,11 @@ from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, face_masks, images_fr
 PIXEL_LIP_LOSS_WEIGHT = 0.5
 # The mouth expert's reading of the student's frames against the true mouth parameters (`lipsync.mouth_error`, in
 # units of each parameter's spread): the pixel loss sees a wrong mouth as a few dark pixels among many; the expert sees
-# nothing else. 0.1 keeps the term within 2x of its size in raw units (weight 1 before the seventh run) while the
-# opening's weight in it grows 2.4x and the width's falls to 0.8x.
+# nothing else. At 0.1 the term is 1.5x its size in raw units at weight 1 (before the seventh run; measured on 24
+# training windows, the shipped student and the run's expert) while the opening's weight in it grows 2.4x and the
+# width's falls to 0.8x.
 SYNC_LOSS_WEIGHT = 0.1
-# The expert's own loss, at the same size: gradients are clipped jointly with the student's.
+# The expert's own loss, likewise (1.5x its raw size): gradients are clipped jointly with the student's.
 EXPERT_LOSS_WEIGHT = 0.1
 
 
