@@ -28,6 +28,7 @@ from avatar.data.visemes import MOUTH_FIELDS, PhonemeSpan, mouth_track
 
 FORMAT_VERSION = 1
 PARAM_COLUMNS: tuple[str, ...] = STATE_FIELDS + ("box_x0", "box_y0", "box_x1", "box_y1", "speed")
+MOUTH_COLUMNS: tuple[int, ...] = tuple(PARAM_COLUMNS.index(name) for name in MOUTH_FIELDS)  # in MOUTH_FIELDS order
 CLIPS_PER_SHARD = 64
 HELDOUT_EVERY = 10  # identity i is held out when i % 10 == 9 (the last identity when there are fewer than 10)
 SPLITS = ("train", "test")

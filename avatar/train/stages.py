@@ -27,7 +27,7 @@ from torch import nn
 from avatar import vae as vae_ops
 from avatar.audio import MelAudioEncoder, window_features
 from avatar.config import ModelConfig
-from avatar.data.corpus import PARAM_COLUMNS
+from avatar.data.corpus import MOUTH_COLUMNS
 from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions, lip_region_grid, parameter_group
@@ -325,7 +325,7 @@ class AudioObjective(PipelineModules):
         if pipe.config.audio_encoder != "mel":
             raise EmoteError("stage audio trains the mel audio encoder; this model's wav2vec2 encoder is pretrained")
         self.audio_context = AUDIO_HISTORY_FRAMES + pipe.config.audio_context_frames
-        self.mouth_columns = [PARAM_COLUMNS.index(name) for name in MOUTH_FIELDS]
+        self.mouth_columns = list(MOUTH_COLUMNS)
         self.probe = nn.Linear(pipe.config.audio_tokens_per_frame * pipe.config.audio_feature_dim, len(MOUTH_FIELDS))
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from avatar import vae as vae_ops
-from avatar.data.corpus import PARAM_COLUMNS
+from avatar.data.corpus import MOUTH_COLUMNS
 from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.schedulers import fresh_scheduler
@@ -64,7 +64,7 @@ class WarmStartObjective(PipelineModules):
         self.audio_context = AUDIO_HISTORY_FRAMES + cfg.audio_context_frames
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
         self.start_timestep = int(first_step)
-        self.mouth_columns = [PARAM_COLUMNS.index(name) for name in MOUTH_FIELDS]
+        self.mouth_columns = list(MOUTH_COLUMNS)
         self.expert = MouthExpert(len(MOUTH_FIELDS))
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
