@@ -184,8 +184,8 @@ def test_training_keeps_a_small_corpus_decoded(corpus):
     assert torch.equal(dataset[0]["frames"], first) and dataset._load.cache_info().hits >= 1
 
 
-def _train(corpus: Path, init: Path, out: Path, steps: int, resume: bool):
-    settings = LoopSettings(out=out, steps=steps, batch_size=1, grad_accum=2, lr=3e-3, resume=resume,
+def _train(corpus: Path, init: Path, out: Path, steps: int, resume: bool, lr: float = 3e-3):
+    settings = LoopSettings(out=out, steps=steps, batch_size=1, grad_accum=2, lr=lr, resume=resume,
                             save_every=10**6, log_every=1, progress=False, ema_decay=0.9)
     return train_stage("2", corpus, settings, init=init, limit_windows=3)
 
@@ -212,6 +212,18 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)  # trained weights too
     log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_lr_trains_at_that_lr(corpus, tmp_path):
+    """The saved state carries its own LR; `--resume --lr` must not be silently ignored (annealing a run)."""
+    init = tmp_path / "init"
+    AvatarPipeline.from_config("tiny", seed=0).save_pretrained(init)
+    _train(corpus, init, tmp_path / "run", 2, resume=False, lr=3e-3)
+    _train(corpus, init, tmp_path / "run", 4, resume=True, lr=1e-3)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log][1:] == pytest.approx([3e-3, 1e-3, 1e-3])
+    assert json.loads((tmp_path / "run" / "state" / "loop.json").read_text())["lr"] == 1e-3  # the next resume's base
 
 
 def test_distillation_loss_goes_down_against_a_fixed_target(staged, corpus, tmp_path):

@@ -176,6 +176,17 @@ def truncate_log(log_path: Path, step: int) -> None:
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
 
+def rescale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+               factor: float) -> None:
+    """Multiply every parameter group's LR, and the schedule's base LRs it is computed from, by `factor`."""
+    if factor == 1.0:
+        return
+    lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        group["initial_lr"] *= factor
+
+
 @dataclass
 class LoopResult:
     step: int
@@ -245,6 +256,8 @@ def run_loop(
                              f"({str(exc).splitlines()[0]})") from None
         if accelerator.is_main_process:
             truncate_log(log_path, counter.step)
+        # The state restores its own LR; a different --lr on resume rescales every group (e.g. to anneal a run).
+        rescale_lr(optimizer, lr_scheduler, s.lr / json.loads((state_dir / "loop.json").read_text())["lr"])
     start_step = counter.step
 
     # Data: this process's slice of each global micro-batch, starting where the checkpoint left off.
