@@ -178,9 +178,8 @@ def truncate_log(log_path: Path, step: int) -> None:
 
 def rescale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
                factor: float) -> None:
-    """Multiply every parameter group's LR, and the schedule's base LRs it is computed from, by `factor`."""
-    if factor == 1.0:
-        return
+    """Multiply every parameter group's LR, and the schedule's base LRs it is computed from, by `factor` (1.0 is
+    exact, so an unchanged --lr resumes bit for bit)."""
     lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
     for group in optimizer.param_groups:
         group["lr"] *= factor
@@ -221,8 +220,9 @@ def run_loop(
     if not s.resume and state_dir.exists():
         raise EmoteError(f"{out} already holds a training state: pass --resume, or choose another --out")
     objective_settings = dict(objective_settings or {})
+    stored_loop = json.loads((state_dir / "loop.json").read_text()) if s.resume else {}
     if s.resume:  # a state saved before settings were stored has none to compare
-        stored = json.loads((state_dir / "loop.json").read_text()).get("objective", objective_settings)
+        stored = stored_loop.get("objective", objective_settings)
         changed = sorted(k for k in set(stored) | set(objective_settings) if stored.get(k) != objective_settings.get(k))
         if changed:
             raise EmoteError(f"--resume: the state in {state_dir} was trained with other settings ("
@@ -257,7 +257,7 @@ def run_loop(
         if accelerator.is_main_process:
             truncate_log(log_path, counter.step)
         # The state restores its own LR; a different --lr on resume rescales every group (e.g. to anneal a run).
-        rescale_lr(optimizer, lr_scheduler, s.lr / json.loads((state_dir / "loop.json").read_text())["lr"])
+        rescale_lr(optimizer, lr_scheduler, s.lr / stored_loop["lr"])
     start_step = counter.step
 
     # Data: this process's slice of each global micro-batch, starting where the checkpoint left off.
