@@ -14,7 +14,7 @@ from avatar.errors import EmoteError
 from avatar.grow import grow_attention, grow_audio_locator
 from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
-from avatar.train.loop import EMA, LoopSettings, as_teacher, open_dataset, run_loop, train_stage
+from avatar.train.loop import EMA, LoopSettings, as_teacher, lr_factor, open_dataset, run_loop, train_stage
 from avatar.train.stages import FAST_LR_SCALE, build_objective
 from server.cli import main as emote
 
@@ -344,6 +344,21 @@ def test_warm_stage_fits_the_students_warm_start_and_keeps_its_sampler(corpus, t
     assert tuned.scheduler.config.original_inference_steps == 10
 
 
+@pytest.mark.parametrize("warmup,student_moves", [(2, False), (1, True)])
+def test_expert_warmup_trains_the_mouth_expert_alone_first(corpus, tmp_path, warmup, student_moves):
+    """A warm run from a model has a new, random expert: for its first --expert-warmup steps only the expert trains."""
+    objective = build_objective("warm", tiny_student(), expert_warmup=warmup)
+    _, _, changed = overfit(objective, corpus, tmp_path / "run", steps=2, lr=1e-3)
+    assert any(n.startswith("expert.") for n in changed)
+    assert any(n.startswith("backbone.") for n in changed) == student_moves
+
+
+def test_lr_schedule_warms_up_then_stays_or_anneals():
+    assert [lr_factor(s, 4, 100, "constant") for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
+    assert [lr_factor(s, 0, 100, "cosine") for s in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert lr_factor(10, 20, 100, "cosine") == pytest.approx(0.5 * 0.5 * (1 + np.cos(np.pi * 0.1)))
+
+
 def test_warm_stage_draws_its_own_motion_frames(corpus):
     """As at inference, the motion frames the warm stage conditions on are the student's own: the true ones, which
     stage 2 and distillation use, do not change its loss; the true target frames do."""
@@ -403,6 +418,11 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--resume", "--preset", "tiny"],
         ["train", "--stage", "4", "--data", "{corpus}", "--out", "{tmp}/o"],
         ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--expert-warmup", "1",
+         "--steps", "2"],
+        ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--expert-warmup", "5", "--steps", "5"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--lr-schedule", "step"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--warm-start",
          "portrait"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],

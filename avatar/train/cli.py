@@ -9,6 +9,7 @@ from avatar.config import WARM_STARTS
 from avatar.errors import EmoteError
 
 STAGE_CHOICES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
@@ -25,6 +26,8 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                        help="after the warmup: constant, or a cosine down to 0 at --steps (an anneal)")
     parser.add_argument("--limit-windows", type=int, default=None, help="train on the first N windows only (smoke tests)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or console log lines")
 
@@ -51,6 +54,10 @@ def register(subparsers) -> None:
     train.add_argument("--warm-start", choices=WARM_STARTS, default=None,
                        help="stage warm: what the student's windows start from, saved in the model (default: the "
                             "--init model's): the previous frame, or the portrait for every window")
+    train.add_argument("--expert-warmup", type=int, default=0, metavar="STEPS",
+                       help="stage warm: train the mouth expert alone for the first STEPS steps (the student waits), "
+                            "so that a run from a model, with a new expert, moves the student once its sync loss "
+                            "reads something")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -94,7 +101,7 @@ def loop_settings(args: argparse.Namespace, ema_decay: float = 0.999):
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision, resume=args.resume, save_every=args.save_every,
         log_every=args.log_every, seed=args.seed, num_workers=args.num_workers, ema_decay=ema_decay,
-        warmup_steps=args.warmup_steps, progress=not args.quiet,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, progress=not args.quiet,
     )
 
 
@@ -109,6 +116,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
+    if not 0 <= args.expert_warmup < args.steps:
+        raise EmoteError(f"--expert-warmup must be between 0 and --steps - 1, got {args.expert_warmup}")
+    if args.expert_warmup and args.stage != "warm":
+        raise EmoteError("--expert-warmup applies to --stage warm only")
     if (args.grow_attention or args.grow_audio_locator) and args.init is None:
         raise EmoteError("--grow-attention and --grow-audio-locator add layers to a trained model: pass --init DIR")
     from avatar.config import get_preset
@@ -120,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
     _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
                         limit_windows=args.limit_windows, frozen=tuple(args.freeze),
                         grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start,
-                        grow_audio_locator=args.grow_audio_locator))
+                        grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup))
     return 0
 
 

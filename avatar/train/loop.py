@@ -23,6 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,6 +50,7 @@ class LoopSettings:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step): early EMA weights follow the model
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after the warmup: "constant", or "cosine" down to 0 at `steps`
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-2
     progress: bool = True  # tqdm bar and console log lines
@@ -176,6 +178,15 @@ def truncate_log(log_path: Path, step: int) -> None:
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The LR multiplier at `step`: a linear warmup, then constant or a cosine down to 0 at `total_steps` (an
+    anneal)."""
+    factor = step / max(1, warmup_steps) if step < warmup_steps else 1.0
+    if schedule == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    return factor
+
+
 def rescale_lr(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
                factor: float) -> None:
     """Multiply every parameter group's LR, and the schedule's base LRs it is computed from, by `factor` (1.0 is
@@ -209,7 +220,6 @@ def run_loop(
     `--resume` refuses different ones: they are not in the weights, so a mismatch would train on silently."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     s = settings
@@ -241,7 +251,8 @@ def run_loop(
     # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
     params = objective.set_trainable()
     optimizer = torch.optim.AdamW(objective.optimizer_groups(params, s.lr), lr=s.lr, weight_decay=s.weight_decay)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=s.warmup_steps)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=s.warmup_steps, total_steps=s.steps, schedule=s.lr_schedule))
     ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
     counter = Counter()
     model, optimizer = accelerator.prepare(objective, optimizer)
@@ -289,6 +300,7 @@ def run_loop(
     try:
         while counter.step < s.steps:
             step_loss = torch.zeros((), device=accelerator.device)
+            objective.begin_step(counter.step)
             for micro in range(s.grad_accum):
                 batch = to_device(next(batches), accelerator.device)
                 with accelerator.accumulate(model):
@@ -393,12 +405,13 @@ def as_teacher(pipe) -> None:
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
-                grow_audio_locator: int = 0) -> LoopResult:
+                grow_audio_locator: int = 0, expert_warmup: int = 0) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), or `warm` on a distilled student, starting from
     `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
     `grow_attention_levels` adds spatial attention at those UNet levels of `init` first, `grow_audio_locator` an audio
     locator of that many channels (avatar/grow.py). Stage outputs are teachers (DDIM); `warm` keeps the student's
-    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`)."""
+    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); its first
+    `expert_warmup` steps train the mouth expert alone."""
     from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
@@ -408,6 +421,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if warm_start is not None and stage != "warm":
         raise EmoteError("--warm-start applies to --stage warm only")
+    if expert_warmup and stage != "warm":
+        raise EmoteError("--expert-warmup applies to --stage warm only")
     if init is not None:
         pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
     else:
@@ -424,9 +439,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
-    objective = build_objective(stage, pipe, frozen)
+    objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     # what the warm stage trains for is in no weight: a resume in the other mode would train on silently
-    warm_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength) if stage == "warm" else None
+    warm_settings = (dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength, expert_warmup=expert_warmup)
+                     if stage == "warm" else None)
     return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained, objective_settings=warm_settings)

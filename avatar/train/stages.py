@@ -177,6 +177,9 @@ class PipelineModules(nn.Module):
             raise EmoteError(f"stage {self.stage} has no parameters to train in preset {self.cfg.preset}")
         return params
 
+    def begin_step(self, step: int) -> None:
+        """Called by the loop before each optimizer step, for an objective whose loss depends on the step."""
+
     def fast_parameters(self) -> list[nn.Parameter]:
         """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them)."""
         return list(self.backbone.audio_locator.parameters()) if self.backbone.audio_locator is not None else []
@@ -381,8 +384,9 @@ class VideoObjective(PipelineModules):
         return weighted_mean(error.square(), self.window_lip_weights(batch, x0))
 
 
-def build_objective(stage: str, pipe, frozen: tuple[str, ...] = ()) -> PipelineModules:
-    """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them."""
+def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0) -> PipelineModules:
+    """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
+    `expert_warmup`: stage warm's steps that train its mouth expert alone."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
@@ -397,5 +401,5 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = ()) -> PipelineM
     if stage == "warm":
         from .warm import WarmStartObjective  # it builds on distillation, which builds on this module
 
-        return WarmStartObjective(pipe, stage, frozen)
+        return WarmStartObjective(pipe, stage, frozen, expert_warmup=expert_warmup)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

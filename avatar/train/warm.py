@@ -51,7 +51,7 @@ EXPERT_LOSS_WEIGHT = 0.1
 
 
 class WarmStartObjective(PipelineModules):
-    def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = ()):
+    def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = (), expert_warmup: int = 0):
         super().__init__(pipe, stage, frozen)
         cfg = pipe.config
         if cfg.sampler != "lcm":
@@ -66,12 +66,17 @@ class WarmStartObjective(PipelineModules):
         self.start_timestep = int(first_step)
         self.mouth_columns = list(MOUTH_COLUMNS)
         self.expert = MouthExpert(len(MOUTH_FIELDS))
+        self.expert_warmup = expert_warmup
+        self.expert_only = expert_warmup > 0
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return super().trainable_named_parameters() + [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
 
     def fast_parameters(self) -> list[torch.nn.Parameter]:
         return super().fast_parameters() + list(self.expert.parameters())
+
+    def begin_step(self, step: int) -> None:
+        self.expert_only = step < self.expert_warmup
 
     def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions,
                    generator: torch.Generator) -> torch.Tensor:
@@ -98,13 +103,27 @@ class WarmStartObjective(PipelineModules):
         )
         return self.first_step(latent, m, cond, generator).to(latent.dtype)
 
+    def expert_loss(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
+        """The expert's error on the window's true frames (latents `x0`) as the autoencoder reconstructs them, the
+        look the student's frames have at best."""
+        m = self.cfg.motion_frames
+        with torch.no_grad():
+            reconstructed = vae_ops.decode(self.vae, x0.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
+        crops = lip_crops(reconstructed, batch["face_box"][:, m:].flatten(0, 1))
+        return mouth_error(self.expert(crops), self.true_mouths(batch).to(crops.device))
+
+    def true_mouths(self, batch: dict) -> torch.Tensor:
+        return batch["params"][:, self.cfg.motion_frames:][..., self.mouth_columns].flatten(0, 1).float()
+
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        m, res = self.cfg.motion_frames, self.cfg.resolution
+        if self.expert_only:  # --expert-warmup: the student is not run, so it gets no gradient and stays as it is
+            return EXPERT_LOSS_WEIGHT * self.expert_loss(batch, self.encode_latents(batch["frames"][:, m:]))
         reference = self.reference_features(batch)
         motion = self.own_motion_frames(batch, reference, generator)
         x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
         denoised = self.first_step(start, x0.shape[1], cond, generator)
         latent_loss = weighted_mean(pseudo_huber(denoised, x0.float()), self.window_lip_weights(batch, x0))
-        m, res = self.cfg.motion_frames, self.cfg.resolution
         truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(denoised.device)
         decoded = vae_ops.decode(self.vae, denoised.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
         boxes = batch["face_box"][:, m:]
@@ -113,10 +132,7 @@ class WarmStartObjective(PipelineModules):
         pixel_loss = weighted_mean((decoded - truth).abs(), lips)
         # the expert learns to read true mouths, through the autoencoder as the student's are; the student learns to
         # draw mouths it reads as the true ones
-        mouth = batch["params"][:, m:][..., self.mouth_columns].flatten(0, 1).float().to(decoded.device)
-        with torch.no_grad():
-            reconstructed = vae_ops.decode(self.vae, x0.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
-        expert_loss = mouth_error(self.expert(lip_crops(reconstructed, boxes.flatten(0, 1))), mouth)
-        sync_loss = mouth_error(self.expert.frozen_reading(lip_crops(decoded, boxes.flatten(0, 1))), mouth)
+        sync_loss = mouth_error(self.expert.frozen_reading(lip_crops(decoded, boxes.flatten(0, 1))),
+                                self.true_mouths(batch).to(decoded.device))
         return (latent_loss + PIXEL_LIP_LOSS_WEIGHT * pixel_loss + SYNC_LOSS_WEIGHT * sync_loss
-                + EXPERT_LOSS_WEIGHT * expert_loss)
+                + EXPERT_LOSS_WEIGHT * self.expert_loss(batch, x0))
