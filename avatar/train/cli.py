@@ -118,8 +118,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"--init {args.init} does not exist")
     if not 0 <= args.expert_warmup < args.steps:
         raise EmoteError(f"--expert-warmup must be between 0 and --steps - 1, got {args.expert_warmup}")
-    if args.expert_warmup and args.stage != "warm":
-        raise EmoteError("--expert-warmup applies to --stage warm only")
     if (args.grow_attention or args.grow_audio_locator) and args.init is None:
         raise EmoteError("--grow-attention and --grow-audio-locator add layers to a trained model: pass --init DIR")
     from avatar.config import get_preset
