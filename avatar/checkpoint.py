@@ -40,19 +40,25 @@ def component_classes(cfg: ModelConfig) -> dict[str, type]:
     }
 
 
-def save_checkpoint(path: str | Path, cfg: ModelConfig, components: dict[str, Any], extra: dict | None = None) -> None:
-    """Write the whole directory next to `path`, then rename it into place, so a reader never sees half of it."""
+def save_checkpoint(path: str | Path, cfg: ModelConfig, components: dict[str, Any], extra: dict | None = None,
+                    training_modules: dict[str, ModelMixin] | None = None) -> None:
+    """Write the whole directory next to `path`, then rename it into place, so a reader never sees half of it.
+    `training_modules` (e.g. the warm stage's mouth expert) are stored beside the components for a later run to
+    continue from; loading the model ignores them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
-        for name, component in components.items():
+        training_modules = training_modules or {}
+        for name, component in {**components, **training_modules}.items():
             component.save_pretrained(tmp / name)
         index = {
             "_class_name": "AvatarPipeline",
             "format_version": FORMAT_VERSION,
             "components": {name: type(c).__name__ for name, c in components.items()},
             "model": cfg.to_dict(),
+            **({"training_modules": {name: type(m).__name__ for name, m in training_modules.items()}}
+               if training_modules else {}),
             **(extra or {}),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -119,6 +125,12 @@ def _load_model_component(directory: Path, cls: type[ModelMixin], expected: dict
         raise CheckpointError(f"{weights_file} does not match {config_file}: " + ", ".join(details))
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_training_module(path: str | Path, name: str, cls: type[ModelMixin]) -> ModelMixin | None:
+    """The training module `name` stored with the model directory `path` (`save_checkpoint`), or None if it has none."""
+    directory = Path(path) / name
+    return _load_model_component(directory, cls, {}) if directory.exists() else None
 
 
 def load_checkpoint(path: str | Path, expected_components: dict[str, dict[str, Any]]) -> tuple[ModelConfig, dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 
 from . import vae as vae_ops
 from .audio import MelAudioEncoder, mel_encoder_kwargs, window_features
@@ -117,7 +118,8 @@ class AvatarPipeline:
         cfg, components = load_checkpoint(path, expected_component_configs(path))
         return cls(cfg, **components, device=device, dtype=dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, training_modules: dict[str, ModelMixin] | None = None) -> None:
+        """Write the model directory; `training_modules` are stored with it for training to continue from."""
         save_checkpoint(
             path,
             self.config,
@@ -128,6 +130,7 @@ class AvatarPipeline:
                 "audio_encoder": self.audio_encoder,
                 "scheduler": self.scheduler,
             },
+            training_modules=training_modules,
         )
 
     # ---- properties ---------------------------------------------------------------------------------------------

@@ -353,6 +353,37 @@ def test_expert_warmup_trains_the_mouth_expert_alone_first(corpus, tmp_path, war
     assert any(n.startswith("backbone.") for n in changed) == student_moves
 
 
+def test_warm_stage_stores_its_mouth_expert_and_continues_from_it(corpus, tmp_path):
+    """The expert trains alongside the student and is not part of the model; a run from the exported model must
+    continue with it, not with a new, random one (which costs the student lip sync, docs/training.md)."""
+    from avatar.checkpoint import load_training_module
+    from avatar.train.lipsync import EXPERT_MODULE, MouthExpert
+
+    tiny_student().save_pretrained(tmp_path / "student")
+
+    def run(out: str, init: Path, lr: float, seed: int = 0) -> Path:
+        settings = LoopSettings(out=tmp_path / out, steps=1, batch_size=1, lr=lr, seed=seed, save_every=10**6,
+                                progress=False)
+        return train_stage("warm", corpus, settings, init=init, limit_windows=2).model_dir
+
+    def expert(model_dir: Path) -> dict[str, torch.Tensor]:
+        return load_training_module(model_dir, EXPERT_MODULE, MouthExpert).state_dict()
+
+    assert load_training_module(tmp_path / "student", EXPERT_MODULE, MouthExpert) is None
+    first = run("a", tmp_path / "student", lr=1e-3)
+    assert "training_modules" in json.loads((first / "model_index.json").read_text())
+    AvatarPipeline.from_pretrained(first)  # the expert's folder does not disturb loading
+    trained = expert(first)
+    held = expert(run("b", first, lr=0.0))  # at LR 0 the continued expert is exported unchanged
+    assert all(torch.equal(trained[k], held[k]) for k in trained)
+    # a new expert is drawn from --seed: the same for the same seed, another for another
+    fresh, again, other = (expert(run(out, tmp_path / "student", lr=0.0, seed=seed))
+                           for out, seed in (("c", 0), ("d", 0), ("e", 1)))
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    assert not torch.equal(fresh["net.0.weight"], other["net.0.weight"])
+    assert not torch.equal(fresh["net.0.weight"], trained["net.0.weight"])
+
+
 def test_lr_schedule_warms_up_then_stays_or_anneals():
     assert [lr_factor(s, 4, 100, "constant") for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
     assert [lr_factor(s, 0, 100, "cosine") for s in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])

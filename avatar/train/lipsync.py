@@ -4,17 +4,21 @@ reads the corpus's mouth parameters (opening, width, rounding, teeth, tongue) of
 It trains on the true frames only (in the warm stage, as the autoencoder reconstructs them, the look the student's
 frames have at best), so the student cannot teach it to read its own mouths kindly; its reading of the
 student's decoded frames, against the parameters the audio was rendered with, is the sync loss. The corpus gives the
-exact parameters, so no expert has to be downloaded. It is part of the training objective, never of the model.
+exact parameters, so no expert has to be downloaded. It is part of the training objective, never of the model; the
+warm stage stores it with the model directory it exports (as EXPERT_MODULE), so a later run continues with it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.func import functional_call
 
 from avatar.unet import lip_region
 
+EXPERT_MODULE = "mouth_expert"  # its folder in a model directory
 CROP_SIZE = (24, 32)  # rows, columns of the lip-region crop the expert reads
 # Each mouth parameter's spread (standard deviation) over the training split of the shipped model's corpus (`emote
 # corpus --seed 0`), in MOUTH_FIELDS order (opening, width, rounding, teeth, tongue). Errors are counted in these
@@ -41,7 +45,8 @@ def lip_crops(images: torch.Tensor, face_box: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", align_corners=False)
 
 
-class MouthExpert(nn.Module):
+class MouthExpert(ModelMixin, ConfigMixin):
+    @register_to_config
     def __init__(self, fields: int, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(

@@ -410,11 +410,14 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
     `grow_attention_levels` adds spatial attention at those UNet levels of `init` first, `grow_audio_locator` an audio
     locator of that many channels (avatar/grow.py). Stage outputs are teachers (DDIM); `warm` keeps the student's
-    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); its first
-    `expert_warmup` steps train the mouth expert alone."""
+    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); it continues the mouth
+    expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise), stores it with each
+    export, and its first `expert_warmup` steps train the expert alone."""
+    from avatar.checkpoint import load_training_module
     from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
+    from .lipsync import EXPERT_MODULE, MouthExpert
     from .stages import build_objective
 
     if stage in ("decoder", "2", "3", "warm") and init is None:
@@ -439,10 +442,17 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
-    objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup)
+    expert = load_training_module(resolve_model_dir(init), EXPERT_MODULE, MouthExpert) if stage == "warm" else None
+    torch.manual_seed(settings.seed)  # a new expert's initial weights
+    objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
     # what the warm stage trains for is in no weight: a resume in the other mode would train on silently
     warm_settings = (dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength, expert_warmup=expert_warmup)
                      if stage == "warm" else None)
-    return run_loop(objective, dataset, settings, export_model=pipe.save_pretrained, objective_settings=warm_settings)
+    if stage == "warm":
+        def export_model(path: Path) -> None:
+            pipe.save_pretrained(path, training_modules={EXPERT_MODULE: objective.expert})
+    else:
+        export_model = pipe.save_pretrained
+    return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=warm_settings)

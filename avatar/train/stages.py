@@ -384,9 +384,11 @@ class VideoObjective(PipelineModules):
         return weighted_mean(error.square(), self.window_lip_weights(batch, x0))
 
 
-def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0) -> PipelineModules:
+def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0,
+                    expert: nn.Module | None = None) -> PipelineModules:
     """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
-    `expert_warmup`: stage warm's steps that train its mouth expert alone."""
+    `expert_warmup`: stage warm's steps that train its mouth expert alone; `expert`: the mouth expert it starts from
+    (a new one if None)."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
@@ -401,5 +403,5 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
     if stage == "warm":
         from .warm import WarmStartObjective  # it builds on distillation, which builds on this module
 
-        return WarmStartObjective(pipe, stage, frozen, expert_warmup=expert_warmup)
+        return WarmStartObjective(pipe, stage, frozen, expert_warmup=expert_warmup, expert=expert)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

@@ -51,7 +51,8 @@ EXPERT_LOSS_WEIGHT = 0.1
 
 
 class WarmStartObjective(PipelineModules):
-    def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = (), expert_warmup: int = 0):
+    def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = (), expert_warmup: int = 0,
+                 expert: MouthExpert | None = None):
         super().__init__(pipe, stage, frozen)
         cfg = pipe.config
         if cfg.sampler != "lcm":
@@ -65,7 +66,7 @@ class WarmStartObjective(PipelineModules):
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
         self.start_timestep = int(first_step)
         self.mouth_columns = list(MOUTH_COLUMNS)
-        self.expert = MouthExpert(len(MOUTH_FIELDS))
+        self.expert = expert if expert is not None else MouthExpert(len(MOUTH_FIELDS))
         self.expert_warmup = expert_warmup
         self.expert_only = expert_warmup > 0
 
