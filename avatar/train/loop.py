@@ -426,8 +426,9 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--warm-start applies to --stage warm only")
     if expert_warmup and stage != "warm":
         raise EmoteError("--expert-warmup applies to --stage warm only")
-    if init is not None:
-        pipe = AvatarPipeline.from_pretrained(resolve_model_dir(init))
+    init_dir = resolve_model_dir(init) if init is not None else None
+    if init_dir is not None:
+        pipe = AvatarPipeline.from_pretrained(init_dir)
     else:
         pipe = AvatarPipeline.from_config(preset, seed=settings.seed)
     if grow_attention_levels:
@@ -442,7 +443,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
-    expert = load_training_module(resolve_model_dir(init), EXPERT_MODULE, MouthExpert) if stage == "warm" else None
+    expert = load_training_module(init_dir, EXPERT_MODULE, MouthExpert) if stage == "warm" else None
     torch.manual_seed(settings.seed)  # a new expert's initial weights
     objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
@@ -450,9 +451,6 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     # what the warm stage trains for is in no weight: a resume in the other mode would train on silently
     warm_settings = (dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength, expert_warmup=expert_warmup)
                      if stage == "warm" else None)
-    if stage == "warm":
-        def export_model(path: Path) -> None:
-            pipe.save_pretrained(path, training_modules={EXPERT_MODULE: objective.expert})
-    else:
-        export_model = pipe.save_pretrained
+    export_model = partial(pipe.save_pretrained,
+                           training_modules={EXPERT_MODULE: objective.expert} if stage == "warm" else None)
     return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=warm_settings)
