@@ -384,6 +384,69 @@ def test_warm_stage_stores_its_mouth_expert_and_continues_from_it(corpus, tmp_pa
     assert not torch.equal(fresh["net.0.weight"], trained["net.0.weight"])
 
 
+def tiny_teacher() -> AvatarPipeline:
+    pipe = AvatarPipeline.from_config("tiny", seed=0)
+    as_teacher(pipe)
+    return pipe
+
+
+def test_lip_reading_term_reaches_the_decoder_and_its_expert_learns_from_true_frames_only(corpus):
+    """Stage decoder's lip-reading term: the reconstruction gets a gradient from the expert's reading of it, while
+    the expert learns from the true frames alone: what the decoder draws changes nothing it learns, so the decoder
+    cannot teach it to read its mouths kindly."""
+    dataset = open_dataset(corpus, 1, 0, seed=0, limit_windows=4)
+    batch = default_collate([dataset[i] for i in range(4)])
+
+    def gradients(weight: float, decoder_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same new expert every time
+        objective = build_objective("decoder", tiny_teacher(), lip_reading_weight=weight)
+        with torch.no_grad():
+            for p in objective.vae.decoder.parameters():
+                p.mul_(decoder_scale)
+        objective.set_trainable()
+        objective(batch, torch.Generator().manual_seed(0)).backward()
+        return {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+
+    plain, term, other_decoder = gradients(0.0), gradients(1.0), gradients(1.0, decoder_scale=0.5)
+    assert plain and all(n.startswith("vae.decoder.") for n in plain)  # weight 0: no expert at all
+    assert any(not torch.allclose(term[n], plain[n]) for n in plain)
+    expert = [n for n in term if n.startswith("expert.")]
+    assert expert and all(torch.equal(term[n], other_decoder[n]) for n in expert)
+    assert any(not torch.equal(term[n], other_decoder[n]) for n in plain)
+
+
+@pytest.mark.parametrize("warmup,decoder_moves", [(2, False), (1, True)])
+def test_lip_reading_expert_warmup_trains_it_alone_first(corpus, tmp_path, warmup, decoder_moves):
+    objective = build_objective("decoder", tiny_teacher(), lip_reading_weight=0.1, expert_warmup=warmup)
+    _, _, changed = overfit(objective, corpus, tmp_path / "run", steps=2, lr=1e-3)
+    assert any(n.startswith("expert.") for n in changed)
+    assert any(n.startswith("vae.decoder.") for n in changed) == decoder_moves
+    assert all(n.startswith(("expert.", "vae.decoder.")) for n in changed)
+
+
+def test_decoder_stage_stores_its_lip_reader_and_continues_from_it(corpus, tmp_path):
+    from avatar.checkpoint import load_training_module
+    from avatar.train.lipsync import EXPERT_MODULE, LIP_READER_MODULE, MouthExpert
+
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+
+    def run(out: str, init: Path) -> Path:
+        settings = LoopSettings(out=tmp_path / out, steps=1, batch_size=2, lr=1e-3, save_every=10**6, progress=False)
+        return train_stage("decoder", corpus, settings, init=init, limit_windows=2, lip_reading_weight=0.1,
+                           expert_warmup=0).model_dir
+
+    def reader(model_dir: Path) -> torch.Tensor:
+        return load_training_module(model_dir, LIP_READER_MODULE, MouthExpert).state_dict()["net.0.weight"]
+
+    first = run("a", tmp_path / "teacher")
+    assert load_training_module(first, EXPERT_MODULE, MouthExpert) is None  # not the warm stage's expert
+    AvatarPipeline.from_pretrained(first)
+    # the same step from the stored reader and from a new one (seed 0, as the first run's was) must differ
+    continued, restarted = reader(run("b", first)), reader(run("c", tmp_path / "teacher"))
+    assert not torch.equal(continued, restarted)
+    assert torch.equal(restarted, reader(first))  # the same data and seed: a new reader trains the same way
+
+
 def test_lr_schedule_warms_up_then_stays_or_anneals():
     assert [lr_factor(s, 4, 100, "constant") for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
     assert [lr_factor(s, 0, 100, "cosine") for s in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
@@ -417,6 +480,16 @@ def test_warm_stage_draws_its_own_motion_frames(corpus):
     assert not torch.allclose(motion_features(altered(slice(0, m))), motion_features(batch))  # the true-frame path
     assert loss(altered(slice(0, m))) == loss(batch)
     assert loss(altered(slice(m, None))) != loss(batch)
+
+
+def test_lip_reading_resume_in_another_mode_is_a_clear_error(corpus, tmp_path, capsys):
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+    run = ["train", "--stage", "decoder", "--init", str(tmp_path / "teacher"), "--data", str(corpus), "--out",
+           str(tmp_path / "o"), "--batch-size", "1", "--limit-windows", "2", "--quiet"]
+    assert emote([*run, "--steps", "1", "--lip-reading-weight", "0.1"]) == 0
+    capsys.readouterr()
+    assert emote([*run, "--steps", "2", "--resume"]) == 2
+    assert "lip_reading_weight 0.1 now 0.0" in capsys.readouterr().err
 
 
 def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(corpus, tmp_path, capsys):
@@ -454,6 +527,14 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
          "--expert-warmup", "5", "--steps", "5"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--lr-schedule", "step"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny",
+         "--lip-reading-weight", "0.1"],
+        ["train", "--stage", "vae", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny",
+         "--lip-reading-weight", "-1"],
+        ["train", "--stage", "vae", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny",
+         "--lip-reading-weight", "nan"],
+        ["train", "--stage", "decoder", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--expert-warmup", "1", "--steps", "2"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--warm-start",
          "portrait"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],

@@ -57,7 +57,11 @@ def register(subparsers) -> None:
     train.add_argument("--expert-warmup", type=int, default=0, metavar="STEPS",
                        help="stage warm: train the mouth expert alone for the first STEPS steps (the student waits), "
                             "so that a run from a model, with a new expert, moves the student once its sync loss "
-                            "reads something")
+                            "reads something; stages vae and decoder: their lip reader alone (the autoencoder "
+                            "waits)")
+    train.add_argument("--lip-reading-weight", type=float, default=0.0, metavar="W",
+                       help="stages vae and decoder: add W x a lip-reading term: a mouth expert, trained alongside on "
+                            "the true frames, must read the reconstructed mouths as it reads the true ones (0: none)")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -116,6 +120,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
+    if not 0 <= args.lip_reading_weight <= 100:  # also refuses nan
+        raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {args.lip_reading_weight}")
     if not 0 <= args.expert_warmup < args.steps:
         raise EmoteError(f"--expert-warmup must be between 0 and --steps - 1, got {args.expert_warmup}")
     if (args.grow_attention or args.grow_audio_locator) and args.init is None:
@@ -129,7 +135,8 @@ def run_train(args: argparse.Namespace) -> int:
     _report(train_stage(args.stage, args.data, settings, init=args.init, preset=preset,
                         limit_windows=args.limit_windows, frozen=tuple(args.freeze),
                         grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start,
-                        grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup))
+                        grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup,
+                        lip_reading_weight=args.lip_reading_weight))
     return 0
 
 

@@ -6,6 +6,9 @@ frames have at best), so the student cannot teach it to read its own mouths kind
 student's decoded frames, against the parameters the audio was rendered with, is the sync loss. The corpus gives the
 exact parameters, so no expert has to be downloaded. It is part of the training objective, never of the model; the
 warm stage stores it with the model directory it exports (as EXPERT_MODULE), so a later run continues with it.
+
+Stages vae and decoder's lip-reading term uses another one, which learns from the true frames as they are (the
+autoencoder is what it judges) and is stored as LIP_READER_MODULE.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch.func import functional_call
 from avatar.unet import lip_region
 
 EXPERT_MODULE = "mouth_expert"  # its folder in a model directory
+LIP_READER_MODULE = "lip_reader"
 CROP_SIZE = (24, 32)  # rows, columns of the lip-region crop the expert reads
 # Each mouth parameter's spread (standard deviation) over the training split of the shipped model's corpus (`emote
 # corpus --seed 0`), in MOUTH_FIELDS order (opening, width, rounding, teeth, tongue). Errors are counted in these

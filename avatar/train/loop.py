@@ -405,27 +405,31 @@ def as_teacher(pipe) -> None:
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
-                grow_audio_locator: int = 0, expert_warmup: int = 0) -> LoopResult:
+                grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), or `warm` on a distilled student, starting from
     `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
     `grow_attention_levels` adds spatial attention at those UNet levels of `init` first, `grow_audio_locator` an audio
     locator of that many channels (avatar/grow.py). Stage outputs are teachers (DDIM); `warm` keeps the student's
     sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); it continues the mouth
     expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise), stores it with each
-    export, and its first `expert_warmup` steps train the expert alone."""
+    export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0 adds stages vae and
+    decoder's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way."""
     from avatar.checkpoint import load_training_module
     from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
-    from .lipsync import EXPERT_MODULE, MouthExpert
+    from .lipsync import EXPERT_MODULE, LIP_READER_MODULE, MouthExpert
     from .stages import build_objective
 
     if stage in ("decoder", "2", "3", "warm") and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if warm_start is not None and stage != "warm":
         raise EmoteError("--warm-start applies to --stage warm only")
-    if expert_warmup and stage != "warm":
-        raise EmoteError("--expert-warmup applies to --stage warm only")
+    if lip_reading_weight and stage not in ("vae", "decoder"):
+        raise EmoteError("--lip-reading-weight applies to --stage vae and decoder only")
+    expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight else None
+    if expert_warmup and expert_module is None:
+        raise EmoteError("--expert-warmup applies to --stage warm, or vae and decoder with --lip-reading-weight")
     init_dir = resolve_model_dir(init) if init is not None else None
     if init_dir is not None:
         pipe = AvatarPipeline.from_pretrained(init_dir)
@@ -443,14 +447,21 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
-    expert = load_training_module(init_dir, EXPERT_MODULE, MouthExpert) if stage == "warm" else None
+    expert = load_training_module(init_dir, expert_module, MouthExpert) if expert_module and init_dir else None
     torch.manual_seed(settings.seed)  # a new expert's initial weights
-    objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert)
+    objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert,
+                                lip_reading_weight=lip_reading_weight)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
-    # what the warm stage trains for is in no weight: a resume in the other mode would train on silently
-    warm_settings = (dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength, expert_warmup=expert_warmup)
-                     if stage == "warm" else None)
+    # what the warm stage and the lip-reading term train for is in no weight: a resume in another mode would train on
+    # silently
+    if stage == "warm":
+        objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
+                                  expert_warmup=expert_warmup)
+    elif stage in ("vae", "decoder"):
+        objective_settings = dict(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)
+    else:
+        objective_settings = None
     export_model = partial(pipe.save_pretrained,
-                           training_modules={EXPERT_MODULE: objective.expert} if stage == "warm" else None)
-    return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=warm_settings)
+                           training_modules={expert_module: objective.expert} if expert_module else None)
+    return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=objective_settings)

@@ -32,6 +32,8 @@ from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.unet import BackboneConditions, lip_region_grid, parameter_group
 
+from .lipsync import MouthExpert, lip_crops, mouth_error
+
 STAGES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
 
@@ -46,6 +48,11 @@ AUDIO_HISTORY_FRAMES = 8
 # multiple of --lr. The locator's signal, the mouth's opening, is a small part of any loss (docs/training.md), and at
 # the run's LR it stayed near its zero start: output std 1e-4 after 1,000 warm-stage steps.
 FAST_LR_SCALE = 30.0
+# Stages vae/decoder with a lip-reading term: the mouth expert's LR (the autoencoder's is --lr), and its loss's weight
+# (Adam makes the weight matter only where gradients are clipped, which is joint with the autoencoder's). An expert
+# fitted alone on true lip crops at this LR read the mouth's opening at r 0.94 within identity (docs/training.md).
+LIP_READER_LR = 1e-3
+LIP_READER_LOSS_WEIGHT = 0.1
 # Every objective but stage 1 weights its loss by 1 + LIP_LOSS_WEIGHT inside the lip region (cf. Hallo's lip loss):
 # the mouth covers ~4% of a latent frame, and without the weight its error is drowned by the static rest.
 LIP_LOSS_WEIGHT = 4.0
@@ -288,33 +295,74 @@ class PipelineModules(nn.Module):
 
 class VaeObjective(PipelineModules):
     """Stages `vae` and `decoder`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation),
-    L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there)."""
+    L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there).
+
+    With `lip_reading_weight` > 0, a lip-reading term: a mouth expert (`lipsync.py`) learns the corpus's mouth
+    parameters from the true frames' lip region, and its reading of the reconstructed frames is pulled to its reading
+    of the true ones. It never trains on a reconstruction, so the autoencoder cannot teach it to read its mouths
+    kindly. The L1/L2 loss sees a mouth's opening as a few dark pixels; the term sees nothing else (docs/training.md:
+    it raised the student's lip sync with a decoder trained under it)."""
 
     window_frames = 1
     audio_context = 0
     latent_reg_weight = 0.01
 
-    def __init__(self, pipe, stage: str = "vae", frozen: tuple[str, ...] = ()):
+    def __init__(self, pipe, stage: str = "vae", frozen: tuple[str, ...] = (), lip_reading_weight: float = 0.0,
+                 expert: MouthExpert | None = None, expert_warmup: int = 0):
         super().__init__(pipe, stage, frozen)
         if stage == "decoder":
             self.latent_reg_weight = 0.0  # the encoder is frozen: the term has no gradient
         if pipe.config.vae_type != "tiny":
             raise EmoteError(f"stage {stage} trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
+        self.lip_reading_weight = lip_reading_weight
+        self.expert = None
+        if lip_reading_weight > 0:
+            self.expert = expert if expert is not None else MouthExpert(len(MOUTH_FIELDS))
+        self.mouth_columns = list(MOUTH_COLUMNS)
+        self.expert_warmup = expert_warmup
+        self.expert_only = expert_warmup > 0
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        own = [] if self.expert is None else [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
+        return super().trainable_named_parameters() + own
+
+    def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
+        """The expert fits its own task at LIP_READER_LR, whatever LR the autoencoder trains at."""
+        if self.expert is None:
+            return super().optimizer_groups(params, lr)
+        own = list(self.expert.parameters())
+        ids = {id(p) for p in own}
+        return super().optimizer_groups([p for p in params if id(p) not in ids], lr) + [{"params": own, "lr": LIP_READER_LR}]
+
+    def begin_step(self, step: int) -> None:
+        self.expert_only = step < self.expert_warmup
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        frames = torch.cat([batch["frames"].flatten(0, 1), batch["reference"]])
-        images = images_from_uint8(frames, self.cfg.resolution).to(self.alphas_cumprod.device)
+        device = self.alphas_cumprod.device
+        truth = images_from_uint8(batch["frames"].flatten(0, 1), self.cfg.resolution).to(device)
+        if self.expert is not None:
+            boxes = batch["face_box"].flatten(0, 1)
+            true_reading = self.expert(lip_crops(truth, boxes))
+            true_mouths = batch["params"][..., self.mouth_columns].flatten(0, 1).float().to(device)
+            expert_loss = LIP_READER_LOSS_WEIGHT * mouth_error(true_reading, true_mouths)
+            if self.expert_only:  # --expert-warmup: the autoencoder is not run, so it stays as it is
+                return expert_loss
+        images = torch.cat([truth, images_from_uint8(batch["reference"], self.cfg.resolution).to(device)])
         latents = self.vae.encode(images).latents
         recon = self.vae.decode(latents).sample.float()
         res = images.shape[-1]
         weights = torch.cat([
-            lip_weights(batch["face_box"], res).flatten(0, 1).to(images.device),
-            torch.ones(len(batch["reference"]), 1, res, res, device=images.device),  # its face box is not known
+            lip_weights(batch["face_box"], res).flatten(0, 1).to(device),
+            torch.ones(len(batch["reference"]), 1, res, res, device=device),  # its face box is not known
         ])
         error = recon - images
         loss = weighted_mean(error.abs() + error.square(), weights)
         lat = latents.float()
-        return loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
+        loss = loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
+        if self.expert is None:
+            return loss
+        recon_reading = self.expert.frozen_reading(lip_crops(recon[: len(truth)], boxes))
+        return loss + self.lip_reading_weight * mouth_error(recon_reading, true_reading.detach()) + expert_loss
 
 
 class AudioObjective(PipelineModules):
@@ -385,15 +433,16 @@ class VideoObjective(PipelineModules):
 
 
 def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0,
-                    expert: nn.Module | None = None) -> PipelineModules:
+                    expert: MouthExpert | None = None, lip_reading_weight: float = 0.0) -> PipelineModules:
     """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
-    `expert_warmup`: stage warm's steps that train its mouth expert alone; `expert`: the mouth expert it starts from
-    (a new one if None)."""
+    `lip_reading_weight`: stages vae/decoder's lip-reading term (none at 0); `expert`: the mouth expert that stage
+    warm, or the lip-reading term, starts from (a new one if None); `expert_warmup`: the steps that train it alone."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
     if stage in ("vae", "decoder"):
-        return VaeObjective(pipe, stage, frozen)
+        return VaeObjective(pipe, stage, frozen, lip_reading_weight=lip_reading_weight, expert=expert,
+                            expert_warmup=expert_warmup)
     if stage == "audio":
         return AudioObjective(pipe, stage, frozen)
     if stage == "1":
