@@ -120,8 +120,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
-    if not 0 <= args.lip_reading_weight <= 100:  # also refuses nan
-        raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {args.lip_reading_weight}")
     if not 0 <= args.expert_warmup < args.steps:
         raise EmoteError(f"--expert-warmup must be between 0 and --steps - 1, got {args.expert_warmup}")
     if (args.grow_attention or args.grow_audio_locator) and args.init is None:

@@ -413,7 +413,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); it continues the mouth
     expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise), stores it with each
     export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0 adds stages vae and
-    decoder's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way."""
+    decoder's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way. Every run exports the experts
+    of `init` that it does not train, unchanged."""
     from avatar.checkpoint import load_training_module
     from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
@@ -425,9 +426,13 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if warm_start is not None and stage != "warm":
         raise EmoteError("--warm-start applies to --stage warm only")
-    if lip_reading_weight and stage not in ("vae", "decoder"):
+    if not 0 <= lip_reading_weight <= 100:  # also refuses nan
+        raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {lip_reading_weight}")
+    if lip_reading_weight > 0 and stage not in ("vae", "decoder"):
         raise EmoteError("--lip-reading-weight applies to --stage vae and decoder only")
-    expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight else None
+    if lip_reading_weight > 0 and "vae" in frozen:
+        raise EmoteError("--lip-reading-weight trains the autoencoder, which --freeze vae keeps fixed")
+    expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight > 0 else None
     if expert_warmup and expert_module is None:
         raise EmoteError("--expert-warmup applies to --stage warm, or vae and decoder with --lip-reading-weight")
     init_dir = resolve_model_dir(init) if init is not None else None
@@ -447,7 +452,14 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
-    expert = load_training_module(init_dir, expert_module, MouthExpert) if expert_module and init_dir else None
+    # the experts `init` carries: the run continues its own, and exports the others unchanged (the lip reader reads
+    # true frames, so no stage makes it stale; the warm stage's expert is a better start than a new one)
+    carried = {}
+    for name in (EXPERT_MODULE, LIP_READER_MODULE) if init_dir is not None else ():
+        module = load_training_module(init_dir, name, MouthExpert)
+        if module is not None:
+            carried[name] = module
+    expert = carried.pop(expert_module, None)
     torch.manual_seed(settings.seed)  # a new expert's initial weights
     objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert,
                                 lip_reading_weight=lip_reading_weight)
@@ -458,10 +470,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     if stage == "warm":
         objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
                                   expert_warmup=expert_warmup)
-    elif stage in ("vae", "decoder"):
+    elif lip_reading_weight > 0:  # (a state from before the option stored none, and resumes as a plain run)
         objective_settings = dict(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)
     else:
         objective_settings = None
     export_model = partial(pipe.save_pretrained,
-                           training_modules={expert_module: objective.expert} if expert_module else None)
+                           training_modules={**carried, **({expert_module: objective.expert} if expert_module else {})})
     return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=objective_settings)

@@ -327,7 +327,8 @@ class VaeObjective(PipelineModules):
         return super().trainable_named_parameters() + own
 
     def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
-        """The expert fits its own task at LIP_READER_LR, whatever LR the autoencoder trains at."""
+        """The expert fits its own task at LIP_READER_LR, whatever LR the autoencoder trains at (the warmup and
+        schedule apply to it as to every group, and so does a --resume with another --lr)."""
         if self.expert is None:
             return super().optimizer_groups(params, lr)
         own = list(self.expert.parameters())
@@ -362,7 +363,9 @@ class VaeObjective(PipelineModules):
         if self.expert is None:
             return loss
         recon_reading = self.expert.frozen_reading(lip_crops(recon[: len(truth)], boxes))
-        return loss + self.lip_reading_weight * mouth_error(recon_reading, true_reading.detach()) + expert_loss
+        # in float32: under bf16 autocast both readings come out of the expert's Linear in bf16
+        term = mouth_error(recon_reading.float(), true_reading.detach().float())
+        return loss + self.lip_reading_weight * term + expert_loss
 
 
 class AudioObjective(PipelineModules):
