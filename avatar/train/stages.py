@@ -159,6 +159,16 @@ class PipelineModules(nn.Module):
         self.register_buffer(
             "alphas_cumprod", pipe.scheduler.alphas_cumprod.detach().clone().float(), persistent=False
         )
+        self.expert: MouthExpert | None = None
+        self.expert_warmup = 0
+        self.expert_only = False
+
+    def add_expert(self, expert: MouthExpert | None, warmup: int) -> None:
+        """Train a mouth expert alongside (`expert`, or a new one; `lipsync.py`), which is not part of the model; its
+        first `warmup` steps train it alone (the objective's forward then skips the model)."""
+        self.expert = expert if expert is not None else MouthExpert(len(MOUTH_FIELDS))
+        self.expert_warmup = warmup
+        self.expert_only = warmup > 0
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         picked = []
@@ -168,6 +178,8 @@ class PipelineModules(nn.Module):
             for name, param in getattr(self, component).named_parameters():
                 if stage_trains(self.stage, component, name, self.cfg):
                     picked.append((f"{component}.{name}", param))
+        if self.expert is not None:
+            picked += [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
         return picked
 
     def set_trainable(self) -> list[nn.Parameter]:
@@ -185,7 +197,8 @@ class PipelineModules(nn.Module):
         return params
 
     def begin_step(self, step: int) -> None:
-        """Called by the loop before each optimizer step, for an objective whose loss depends on the step."""
+        """Called by the loop before each optimizer step: the expert trains alone for its warmup steps."""
+        self.expert_only = step < self.expert_warmup
 
     def fast_parameters(self) -> list[nn.Parameter]:
         """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them)."""
@@ -315,16 +328,9 @@ class VaeObjective(PipelineModules):
         if pipe.config.vae_type != "tiny":
             raise EmoteError(f"stage {stage} trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
         self.lip_reading_weight = lip_reading_weight
-        self.expert = None
         if lip_reading_weight > 0:
-            self.expert = expert if expert is not None else MouthExpert(len(MOUTH_FIELDS))
+            self.add_expert(expert, expert_warmup)
         self.mouth_columns = list(MOUTH_COLUMNS)
-        self.expert_warmup = expert_warmup
-        self.expert_only = expert_warmup > 0
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        own = [] if self.expert is None else [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
-        return super().trainable_named_parameters() + own
 
     def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
         """The expert fits its own task at LIP_READER_LR, whatever LR the autoencoder trains at (the warmup and
@@ -333,10 +339,8 @@ class VaeObjective(PipelineModules):
             return super().optimizer_groups(params, lr)
         own = list(self.expert.parameters())
         ids = {id(p) for p in own}
-        return super().optimizer_groups([p for p in params if id(p) not in ids], lr) + [{"params": own, "lr": LIP_READER_LR}]
-
-    def begin_step(self, step: int) -> None:
-        self.expert_only = step < self.expert_warmup
+        rest = [p for p in params if id(p) not in ids]
+        return super().optimizer_groups(rest, lr) + [{"params": own, "lr": LIP_READER_LR}]
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = self.alphas_cumprod.device

@@ -26,7 +26,6 @@ import torch
 
 from avatar import vae as vae_ops
 from avatar.data.corpus import MOUTH_COLUMNS
-from avatar.data.visemes import MOUTH_FIELDS
 from avatar.errors import EmoteError
 from avatar.schedulers import fresh_scheduler
 from avatar.unet import BackboneConditions
@@ -66,18 +65,10 @@ class WarmStartObjective(PipelineModules):
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
         self.start_timestep = int(first_step)
         self.mouth_columns = list(MOUTH_COLUMNS)
-        self.expert = expert if expert is not None else MouthExpert(len(MOUTH_FIELDS))
-        self.expert_warmup = expert_warmup
-        self.expert_only = expert_warmup > 0
-
-    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return super().trainable_named_parameters() + [(f"expert.{n}", p) for n, p in self.expert.named_parameters()]
+        self.add_expert(expert, expert_warmup)
 
     def fast_parameters(self) -> list[torch.nn.Parameter]:
         return super().fast_parameters() + list(self.expert.parameters())
-
-    def begin_step(self, step: int) -> None:
-        self.expert_only = step < self.expert_warmup
 
     def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions,
                    generator: torch.Generator) -> torch.Tensor:
