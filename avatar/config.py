@@ -17,6 +17,7 @@ VIDEO_FPS = 25
 AUDIO_SAMPLE_RATE = 16_000
 SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640
 WARM_STARTS = ("previous", "portrait")  # ModelConfig.warm_start
+NOISES = ("independent", "shared")  # ModelConfig.noise
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ class ModelConfig:
     # window), or "portrait", the portrait for every window, which anchors each window to the identity (no drift)
     # while the motion frames carry the continuity.
     warm_start: str = "previous"
+    # The noise a window's first step starts from: "independent", drawn for every frame of every window, or "shared",
+    # one noise image for every frame of a session (drawn from its first window's seed), so that what changes from
+    # frame to frame is what the audio and the motion frames change (docs/model.md: it took the shipped student's
+    # flicker from 2.6 to 0.8 and raised its lip sync on held-out clips). Later steps' noise (LCM's re-noising)
+    # stays independent.
+    noise: str = "independent"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -134,6 +141,8 @@ class ModelConfig:
             problems.append(f"audio_locator_channels must be in 0-1024, got {self.audio_locator_channels}")
         if self.warm_start not in WARM_STARTS:
             problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
+        if self.noise not in NOISES:
+            problems.append(f"noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if problems:
             raise EmoteError(f"invalid model config ({self.preset}): " + "; ".join(problems))
         return self

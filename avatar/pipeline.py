@@ -47,7 +47,7 @@ class WindowInput:
     audio: torch.Tensor  # (F, tokens, D): windowed audio features of the window's frames
     speed: torch.Tensor  # (F,) head-rotation speed, deg/frame
     motion_latents: torch.Tensor | None  # (M, C, h, w) last frames of the previous window; None for the first window
-    seed: int  # noise for this window; a session derives it from its seed and the window index
+    seed: int  # noise for this window: `AvatarPipeline.window_seed` of the session's seed and the window index
 
 
 def window_seed(seed: int, window_index: int) -> int:
@@ -216,6 +216,11 @@ class AvatarPipeline:
                 per_window.append(list(next(computed)))
         return [torch.cat(slot, dim=0) for slot in zip(*per_window)]
 
+    def window_seed(self, seed: int, window_index: int) -> int:
+        """The noise seed of window `window_index` of a session seeded `seed`: its own, or with shared noise
+        (`ModelConfig.noise`) the session's first window's, so that every window draws the same noise."""
+        return window_seed(seed, 0 if self.config.noise == "shared" else window_index)
+
     @torch.no_grad()
     def denoise_windows(
         self,
@@ -247,7 +252,11 @@ class AvatarPipeline:
         scheduler = fresh_scheduler(template, steps, device=self.device, strength=strength)
         generators = [torch.Generator().manual_seed(w.seed) for w in windows]
         shape = (frames, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        if cfg.noise == "shared":  # one noise image for every frame
+            noise = [torch.randn(shape[1:], generator=g).expand(shape) for g in generators]
+        else:
+            noise = [torch.randn(shape, generator=g) for g in generators]
+        latents = torch.stack(noise).to(self.device, self.dtype)
         if strength < 1.0:
             # motion latents may live on the CPU (the streaming engine keeps them there), the reference on the device
             starts = torch.stack([
@@ -324,7 +333,7 @@ class AvatarPipeline:
                 audio=chunk,
                 speed=torch.full((f,), speed_value),
                 motion_latents=motion,
-                seed=window_seed(seed, index),
+                seed=self.window_seed(seed, index),
             )
             latents = self.denoise_windows([window], steps=steps, guidance_scale=guidance_scale, strength=strength)[0]
             motion = latents[f - m :]

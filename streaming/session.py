@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from avatar.config import AUDIO_SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS
-from avatar.pipeline import WindowInput, window_seed
+from avatar.pipeline import WindowInput
 from avatar.reference import ReferenceCache
 
 from .audio_encoder import StreamingAudioEncoder
@@ -305,7 +305,7 @@ class Session:
         else:
             inputs = WindowInput(
                 reference=self.avatar.reference, audio=audio, speed=torch.tensor(speeds, dtype=torch.float32),
-                motion_latents=s.motion, seed=window_seed(self.seed, k0 // f),
+                motion_latents=s.motion, seed=self.engine.pipeline.window_seed(self.seed, k0 // f),
             )
         window = Window(self, k0, k0 // f, inputs, now, before)
         self._windows.append(window)

@@ -195,6 +195,30 @@ def test_model_strength_is_the_default_and_validated(tiny_pipe, portrait):
                        tiny_pipe.backbone, tiny_pipe.audio_encoder, build_scheduler(tiny_pipe.config, lcm_grid=10))
 
 
+def test_shared_noise_starts_every_frame_of_a_render_from_the_same_noise(tiny_pipe, portrait):
+    """ModelConfig.noise "shared": one noise image for every frame of every window (from the render's seed), so that
+    only the conditions change between frames; "independent" draws it per frame."""
+    def first_step_inputs(noise: str, seed: int = 0) -> list[torch.Tensor]:
+        pipe = AvatarPipeline(tiny_pipe.config.replace(noise=noise), tiny_pipe.vae, tiny_pipe.reference_net,
+                              tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
+        inputs = []
+        hook = pipe.backbone.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0].clone()))
+        try:
+            render(pipe, portrait, seconds=0.48, steps=1, strength=1.0, seed=seed)  # 3 windows, from pure noise
+        finally:
+            hook.remove()
+        return inputs
+
+    shared, independent = first_step_inputs("shared"), first_step_inputs("independent")
+    assert len(shared) == len(independent) == 3
+    assert all(torch.equal(window[k], shared[0][0]) for window in shared for k in range(len(window)))
+    assert not torch.equal(independent[0][0], independent[0][1])
+    assert not torch.equal(independent[0][0], independent[1][0])
+    assert not torch.equal(first_step_inputs("shared", seed=1)[0][0], shared[0][0])  # the seed still matters
+    with pytest.raises(EmoteError, match="noise must be one of"):
+        tiny_pipe.config.replace(noise="pink").validate()
+
+
 def test_teacher_sampler_ddim_many_steps(tiny_pipe, portrait):
     cache = tiny_pipe.prepare_reference(portrait)
     audio = tiny_pipe.audio_windows(tiny_pipe.encode_audio(speech_like(0.16)))

@@ -258,6 +258,19 @@ async def test_two_sessions_batched_equal_each_alone():
         torch.testing.assert_close(latents, alone_latents[seed], rtol=1e-5, atol=1e-5)
 
 
+async def test_a_shared_noise_model_draws_every_window_of_a_session_from_its_first_windows_seed():
+    from avatar.pipeline import window_seed
+
+    base = tiny()
+    shared = AvatarPipeline(base.config.replace(noise="shared"), base.vae, base.reference_net, base.backbone,
+                            base.audio_encoder, base.scheduler)
+    clock = FakeClock()
+    recorder = StubPipeline(shared, record=100)
+    await clock.run(_run_sessions([1, 2], recorder, clock))
+    seeds = [w.seed for w in recorder.windows if w.seed != 0]  # seed 0: the engine's calibration at start
+    assert len(seeds) > 4 and set(seeds) == {window_seed(1, 0), window_seed(2, 0)}
+
+
 async def test_48k_stereo_s16_packets_of_odd_sizes_drive_the_lips():
     clock = FakeClock()
     pipe = StubPipeline(tiny())

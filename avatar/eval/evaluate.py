@@ -172,7 +172,7 @@ def evaluate_model(model_dir: str | None, steps: int | None, clips: list[EvalCli
 
     result = evaluate_renderer(render, int(pipe.resolution), clips, drift_seconds, log)
     result.update(model=model_dir or "bundled default", steps=int(steps), strength=float(strength),
-                  warm_start=pipe.config.warm_start, resolution=int(pipe.resolution))
+                  warm_start=pipe.config.warm_start, noise=pipe.config.noise, resolution=int(pipe.resolution))
     return result
 
 
