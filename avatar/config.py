@@ -90,8 +90,8 @@ class ModelConfig:
     # The noise a window's first step starts from: "independent", drawn for every frame of every window, or "shared",
     # one noise image for every frame of a session (drawn from its first window's seed), so that what changes from
     # frame to frame is what the audio and the motion frames change (docs/model.md: it took the shipped student's
-    # flicker from 2.6 to 0.8 and raised its lip sync on held-out clips). Later steps' noise (LCM's re-noising)
-    # stays independent.
+    # flicker from 2.6 to 0.8). Later steps' re-noising comes from the same seed, so with shared noise it is the same
+    # for every window too (it still differs between a window's frames).
     noise: str = "independent"
 
     @property

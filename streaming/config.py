@@ -28,7 +28,7 @@ class StreamConfig:
     strength: float | None = None  # warm start (ModelConfig.warm_start; 1.0: from pure noise); None: the model's
     max_batch: int = 8  # windows per backbone call
     speech_speed: float | None = None  # head-motion speed while speaking; None: the model's default
-    idle_speed: float = 0.3  # non-zero: the idle avatar keeps moving
+    idle_speed: float = 0.3  # head-motion speed while idle (the shipped student's head does not follow it)
     lead_margin_s: float = 0.02  # safety added to the predicted generation time
     max_lead_windows: float = 2.0  # a window is never formed more than this many window durations early
     max_buffered_audio_s: float = 30.0  # hard cap on queued input audio (oldest dropped beyond it)

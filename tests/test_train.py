@@ -461,6 +461,30 @@ def test_decoder_stage_stores_its_lip_reader_and_continues_from_it(corpus, tmp_p
     assert all(torch.equal(carried[k], stored[k]) for k in stored)
 
 
+@pytest.mark.parametrize("noise", ["shared", "independent"])
+def test_warm_stage_draws_noise_as_the_model_samples_it(corpus, noise):
+    """A student that samples with shared noise (ModelConfig.noise) is trained with one noise image for every frame of
+    a window and of its motion frames; one with independent noise, with a new one for every frame."""
+    student = tiny_student()
+    student.config = student.config.replace(noise=noise)
+    objective = build_objective("warm", student)
+    dataset = open_dataset(corpus, objective.window_frames, objective.audio_context, seed=0, limit_windows=2)
+    batch = default_collate([dataset[0], dataset[1]])
+    inputs = []  # the backbone's noisy input of each call: the motion frames', then the window's
+    hook = student.backbone.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            objective(batch, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    motion, window = inputs
+    # every frame of a call starts from the same latent (the portrait, or the last motion frame), so frames differ
+    # only by their noise
+    same = [torch.equal(call[b, 0], call[b, k]) for call in (motion, window) for b in range(2)
+            for k in range(1, call.shape[1])]
+    assert all(same) if noise == "shared" else not any(same)
+
+
 def test_lr_schedule_warms_up_then_stays_or_anneals():
     assert [lr_factor(s, 4, 100, "constant") for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
     assert [lr_factor(s, 0, 100, "cosine") for s in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])

@@ -8,7 +8,8 @@ own blurred frames instead, window after window. This stage builds what inferenc
 - the motion frames are drawn by the student itself, as a clip's first window over the motion frames' audio (no
   gradient; the window is then trained as a clip's second window), except for windows trained as a first window;
 - the window starts from the last of them, or from the portrait, noised to the sampler's first timestep (pure noise
-  at strength 1).
+  at strength 1), with noise drawn as the model samples it (`ModelConfig.noise`: with shared noise one image for
+  every frame of the window and of its motion frames).
 It regresses the student's output there (through the LCM boundary scalings, as `LCMScheduler.step` denoises) onto
 the true frames, pseudo-Huber and lip-weighted like distillation, plus an L1 loss on the decoded lip region
 (`PIXEL_LIP_LOSS_WEIGHT`) and a lip-sync loss: a mouth expert (`lipsync.py`), trained alongside on the true frames
@@ -70,18 +71,30 @@ class WarmStartObjective(PipelineModules):
     def fast_parameters(self) -> list[torch.nn.Parameter]:
         return super().fast_parameters() + list(self.expert.parameters())
 
-    def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions,
-                   generator: torch.Generator) -> torch.Tensor:
-        """The student's first sampling step over `frames` frames warm-started from `start` (B, C, h, w)."""
+    def shared_noise(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """With the model's shared noise, one noise image per sample of the batch (B, 1, C, h, w) for all its frames;
+        None when every frame draws its own."""
+        if self.cfg.noise != "shared":
+            return None
+        return torch.randn((latent.shape[0], 1, *latent.shape[1:]), generator=generator).to(latent.device, latent.dtype)
+
+    def first_step(self, start: torch.Tensor, frames: int, cond: BackboneConditions, generator: torch.Generator,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's first sampling step over `frames` frames warm-started from `start` (B, C, h, w), from
+        `noise` (`shared_noise`) or, if None, noise drawn for every frame."""
         shape = (start.shape[0], frames, *start.shape[1:])
         t = torch.full((shape[0],), self.start_timestep, dtype=torch.long, device=start.device)
-        noisy = torch.randn(shape, generator=generator).to(start.device, start.dtype)
+        if noise is None:
+            noisy = torch.randn(shape, generator=generator).to(start.device, start.dtype)
+        else:
+            noisy = noise.expand(shape).to(start.device, start.dtype)
         if self.cfg.strength < 1.0:
             noisy = self.noised(start[:, None], noisy, t)
         return consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
 
     @torch.no_grad()
-    def own_motion_frames(self, batch: dict, reference, generator: torch.Generator) -> torch.Tensor:
+    def own_motion_frames(self, batch: dict, reference, generator: torch.Generator,
+                          noise: torch.Tensor | None = None) -> torch.Tensor:
         """The motion frames as the student draws them as a clip's first window: (B, M, C, h, w)."""
         cfg = self.cfg
         m = cfg.motion_frames
@@ -93,7 +106,7 @@ class WarmStartObjective(PipelineModules):
             speed=batch["speed"][:, :m].float(),
             face_mask=face_masks(batch["face_box"][:, :m], cfg.resolution).to(latent.device, latent.dtype),
         )
-        return self.first_step(latent, m, cond, generator).to(latent.dtype)
+        return self.first_step(latent, m, cond, generator, noise).to(latent.dtype)
 
     def expert_loss(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         """The expert's error on the window's true frames (latents `x0`) as the autoencoder reconstructs them, the
@@ -112,9 +125,10 @@ class WarmStartObjective(PipelineModules):
         if self.expert_only:  # --expert-warmup: the student is not run, so it gets no gradient and stays as it is
             return EXPERT_LOSS_WEIGHT * self.expert_loss(batch, self.encode_latents(batch["frames"][:, m:]))
         reference = self.reference_features(batch)
-        motion = self.own_motion_frames(batch, reference, generator)
+        noise = self.shared_noise(reference[0], generator)
+        motion = self.own_motion_frames(batch, reference, generator, noise)
         x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
-        denoised = self.first_step(start, x0.shape[1], cond, generator)
+        denoised = self.first_step(start, x0.shape[1], cond, generator, noise)
         latent_loss = weighted_mean(pseudo_huber(denoised, x0.float()), self.window_lip_weights(batch, x0))
         truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(denoised.device)
         decoded = vae_ops.decode(self.vae, denoised.flatten(0, 1).to(next(self.vae.parameters()).dtype)).float()
