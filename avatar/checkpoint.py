@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from .audio import MelAudioEncoder, Wav2Vec2AudioEncoder
 from .config import ModelConfig
 from .errors import CheckpointError
+from .refiner import PortraitRefiner
 from .schedulers import SCHEDULER_CLASSES
 from .unet import EmoBackbone, ReferenceNet
 from .vae import VAE_CLASSES
@@ -37,6 +38,7 @@ def component_classes(cfg: ModelConfig) -> dict[str, type]:
         "backbone": EmoBackbone,
         "audio_encoder": MelAudioEncoder if cfg.audio_encoder == "mel" else Wav2Vec2AudioEncoder,
         "scheduler": SCHEDULER_CLASSES[cfg.sampler],
+        "portrait_refiner": PortraitRefiner,
     }
 
 
@@ -140,7 +142,7 @@ def load_checkpoint(path: str | Path, expected_components: dict[str, dict[str, A
     cfg = ModelConfig.from_dict(index["model"])
     classes = component_classes(cfg)
     components: dict[str, Any] = {}
-    for name in MODEL_COMPONENTS:
+    for name in MODEL_COMPONENTS + (("portrait_refiner",) if cfg.portrait_refiner_channels else ()):
         components[name] = _load_model_component(path / name, classes[name], expected_components.get(name, {}))
     audio_dir = path / "audio_encoder"
     if cfg.audio_encoder == "mel":

@@ -34,6 +34,10 @@ class ModelConfig:
     # portrait when serving (motion frames stay latents), the decoder once per frame, so width costs only in training.
     vae_encoder_channels: int = 0
     vae_encoder_blocks_per_level: int = 0
+    # A PortraitRefiner (avatar/refiner.py) sharpens every decoded frame with the portrait's own pixels; its widths
+    # from full resolution down to the latent's, one per VAE level (empty: none). The latents and the autoencoder are
+    # unchanged by it, and the stages other than refiner and warm-refiner train on the autoencoder's frames alone.
+    portrait_refiner_channels: tuple[int, ...] = ()
 
     # Denoising backbone and ReferenceNet share this layout.
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -127,6 +131,11 @@ class ModelConfig:
             problems.append("vae_encoder_channels and vae_encoder_blocks_per_level must be >= 0 (0 = the decoder's)")
         elif self.vae_type != "tiny" and (self.vae_encoder_channels or self.vae_encoder_blocks_per_level):
             problems.append("vae_encoder_channels and vae_encoder_blocks_per_level apply to the tiny autoencoder only")
+        if self.portrait_refiner_channels and (
+            len(self.portrait_refiner_channels) != len(self.vae_block_out_channels)
+            or min(self.portrait_refiner_channels) < 1
+        ):
+            problems.append("portrait_refiner_channels needs one positive width per VAE level, or none")
         if self.audio_encoder not in ("mel", "wav2vec2"):
             problems.append(f"unknown audio_encoder {self.audio_encoder!r}")
         if self.sampler not in ("lcm", "ddim"):

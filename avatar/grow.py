@@ -3,7 +3,8 @@
 Spatial attention (ReferenceNet self-attention into the backbone, audio cross-attention) can be added at UNet levels
 that have none: a new SpatialTransformer's output projection is zero-initialised and sits on a residual, so the grown
 model computes exactly what the trained one did until training moves it. So can the backbone's audio locator
-(`ModelConfig.audio_locator_channels`), whose output convolution is zero-initialised.
+(`ModelConfig.audio_locator_channels`), whose output convolution is zero-initialised, and a PortraitRefiner
+(`ModelConfig.portrait_refiner_channels`), whose correction starts at zero (the `refiner` stage adds one).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from .errors import EmoteError
 from .pipeline import AvatarPipeline
+from .refiner import build_portrait_refiner
 from .unet import EmoBackbone, ReferenceNet, backbone_kwargs, reference_net_kwargs
 
 
@@ -54,4 +56,24 @@ def _grown(pipe: AvatarPipeline, cfg, seed: int, new_names: str) -> AvatarPipeli
         if unexpected or not all(new_names in name for name in missing):
             raise EmoteError(f"growing the model changed more than its new {new_names.strip('.')} weights")
     return AvatarPipeline(cfg, pipe.vae, reference_net, backbone, pipe.audio_encoder, pipe.scheduler,
-                          device=pipe.device, dtype=pipe.dtype, trained=pipe.trained)
+                          device=pipe.device, dtype=pipe.dtype, trained=pipe.trained,
+                          portrait_refiner=pipe.portrait_refiner)
+
+
+def default_refiner_channels(levels: int) -> tuple[int, ...]:
+    """16, 24, 32, then 32 for every further autoencoder level."""
+    return tuple(min(16 + 8 * i, 32) for i in range(levels))
+
+
+def add_portrait_refiner(pipe: AvatarPipeline, channels: tuple[int, ...] | None = None,
+                          seed: int = 0) -> AvatarPipeline:
+    """`pipe` with a new PortraitRefiner of these widths (weights from `seed`); every other weight is `pipe`'s."""
+    if pipe.portrait_refiner is not None:
+        raise EmoteError("the model has a portrait refiner already")
+    channels = channels or default_refiner_channels(len(pipe.config.vae_block_out_channels))
+    cfg = pipe.config.replace(portrait_refiner_channels=tuple(channels)).validate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        refiner = build_portrait_refiner(cfg)
+    return AvatarPipeline(cfg, pipe.vae, pipe.reference_net, pipe.backbone, pipe.audio_encoder, pipe.scheduler,
+                          device=pipe.device, dtype=pipe.dtype, trained=pipe.trained, portrait_refiner=refiner)

@@ -4,7 +4,8 @@ The pipeline is the model's whole public surface for the layers above it:
 - `prepare_reference` runs the VAE encoder and ReferenceNet once per portrait and returns a `ReferenceCache`;
 - `encode_audio` turns a waveform into per-frame features, `audio_windows` into each frame's ±m context;
 - `denoise_windows` runs the sampler over a batch of windows, possibly from different sessions and portraits;
-- `decode` turns latents into uint8 frames;
+- `decode` turns latents into uint8 frames (sharpened by the PortraitRefiner, with the portrait, if the model has
+  one);
 - `render` strings these together for offline use, with memory bounded by one window.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import AUDIO_SAMPLE_RATE, ModelConfig, get_preset
 from .errors import EmoteError
 from .media import frame_count, resize
 from .reference import ReferenceCache, stack_banks
+from .refiner import PortraitRefiner, build_portrait_refiner, portrait_refiner_kwargs
 from .schedulers import build_scheduler, fresh_scheduler
 from .unet import BackboneConditions, EmoBackbone, ReferenceNet, backbone_kwargs, reference_net_kwargs
 from .vae import build_vae, vae_kwargs
@@ -66,14 +68,18 @@ class AvatarPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         trained: bool = True,
+        portrait_refiner: PortraitRefiner | None = None,
     ):
         self.config = config.validate()
+        if (portrait_refiner is None) != (not config.portrait_refiner_channels):
+            raise EmoteError("a portrait refiner is needed exactly when the config has portrait_refiner_channels")
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = _place(vae, self.device, dtype)
         self.reference_net = _place(reference_net, self.device, dtype)
         self.backbone = _place(backbone, self.device, dtype)
         self.audio_encoder = _place(audio_encoder, self.device, torch.float32)  # audio features stay float32
+        self.portrait_refiner = None if portrait_refiner is None else _place(portrait_refiner, self.device, dtype)
         self.scheduler = scheduler
         fresh_scheduler(scheduler, self.config.default_steps, strength=self.config.strength)  # fail at load, not later
         self.trained = trained
@@ -101,6 +107,7 @@ class AvatarPipeline:
             backbone=EmoBackbone(**backbone_kwargs(cfg)),
             audio_encoder=MelAudioEncoder(**mel_encoder_kwargs(cfg)),
             scheduler=build_scheduler(cfg),
+            portrait_refiner=build_portrait_refiner(cfg),
         )
 
     @classmethod
@@ -129,6 +136,7 @@ class AvatarPipeline:
                 "backbone": self.backbone,
                 "audio_encoder": self.audio_encoder,
                 "scheduler": self.scheduler,
+                **({"portrait_refiner": self.portrait_refiner} if self.portrait_refiner is not None else {}),
             },
             training_modules=training_modules,
         )
@@ -150,7 +158,8 @@ class AvatarPipeline:
     @property
     def model_id(self) -> str:
         if self._model_id is None:
-            self._model_id = state_fingerprint([self.vae, self.reference_net], self.config)
+            modules = [self.vae, self.reference_net, *([self.portrait_refiner] if self.portrait_refiner else [])]
+            self._model_id = state_fingerprint(modules, self.config)
         return self._model_id
 
     # ---- reference ----------------------------------------------------------------------------------------------
@@ -178,6 +187,8 @@ class AvatarPipeline:
             latent=latent,
             face_mask=self.face_mask(face_box).to(self.device, self.dtype),
             model_id=self.model_id,
+            refiner=[] if self.portrait_refiner is None else self.portrait_refiner.portrait_features(
+                image, vae_ops.decode(self.vae, latent)),
         )
 
     # ---- audio --------------------------------------------------------------------------------------------------
@@ -295,9 +306,22 @@ class AvatarPipeline:
         return denoised
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """(N, C, h, w) -> uint8 (N, H, W, 3)."""
-        return vae_ops.to_uint8(vae_ops.decode(self.vae, latents.to(self.device, self.dtype))).numpy()
+    def decode(self, latents: torch.Tensor, references: ReferenceCache | list[ReferenceCache],
+               refine: bool = True) -> np.ndarray:
+        """(N, C, h, w) -> uint8 (N, H, W, 3). `references`: the portrait behind every frame, or a list of N
+        (a batch of several sessions); only a model with a PortraitRefiner reads them. `refine=False` skips the
+        refiner (the autoencoder's frames, as a model without one decodes)."""
+        latents = latents.to(self.device, self.dtype)
+        decoded = vae_ops.decode(self.vae, latents)
+        if self.portrait_refiner is None or not refine:
+            return vae_ops.to_uint8(decoded).numpy()
+        if isinstance(references, ReferenceCache):
+            references = [references]
+        elif len(references) != len(latents):
+            raise ValueError(f"decode needs one reference per latent, got {len(references)} for {len(latents)}")
+        portrait_latent, features = _refiner_inputs(references, self.device, self.dtype)
+        images = self.portrait_refiner(latents, decoded, portrait_latent, features).clamp(-1, 1)
+        return vae_ops.to_uint8(images).numpy()
 
     # ---- offline rendering --------------------------------------------------------------------------------------
 
@@ -337,7 +361,7 @@ class AvatarPipeline:
             )
             latents = self.denoise_windows([window], steps=steps, guidance_scale=guidance_scale, strength=strength)[0]
             motion = latents[f - m :]
-            yield from self.decode(latents[:valid])
+            yield from self.decode(latents[:valid], reference)
 
 
 def _warm_start_latent(window: WindowInput, frames: int, source: str) -> torch.Tensor:
@@ -346,6 +370,17 @@ def _warm_start_latent(window: WindowInput, frames: int, source: str) -> torch.T
     previous = source == "previous" and window.motion_latents is not None
     last = window.motion_latents[-1:] if previous else window.reference.latent
     return last.expand(frames, -1, -1, -1)
+
+
+def _refiner_inputs(references: list[ReferenceCache], device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The PortraitRefiner's portrait inputs for a batch: batch 1 if every frame has the same portrait (the common
+    case, no copies), else one row per frame."""
+    if all(r is references[0] for r in references):
+        references = references[:1]
+    latent = torch.cat([r.latent for r in references]).to(device, dtype)
+    features = [torch.cat(level).to(device, dtype) for level in zip(*(r.refiner for r in references))]
+    return latent, features
 
 
 def expected_component_configs(path: str | Path) -> dict[str, dict]:
@@ -360,6 +395,8 @@ def expected_component_configs(path: str | Path) -> dict[str, dict]:
     }
     if cfg.audio_encoder == "mel":
         expected["audio_encoder"] = mel_encoder_kwargs(cfg)
+    if cfg.portrait_refiner_channels:
+        expected["portrait_refiner"] = portrait_refiner_kwargs(cfg)
     return expected
 
 

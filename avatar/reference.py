@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ class ReferenceCache:
     latent:    the portrait latent (1, C, h, w).
     face_mask: the face-region mask (1, 1, H, W) fed to the face locator.
     model_id:  fingerprint of the model that computed it; a cache only fits that model.
+    refiner:   the portrait's features for the model's PortraitRefiner, full resolution first (empty without one).
     """
 
     bank: list[torch.Tensor | None]
@@ -29,6 +30,7 @@ class ReferenceCache:
     latent: torch.Tensor
     face_mask: torch.Tensor
     model_id: str
+    refiner: list[torch.Tensor] = field(default_factory=list)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "ReferenceCache":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -40,6 +42,7 @@ class ReferenceCache:
             latent=move(self.latent),
             face_mask=move(self.face_mask),
             model_id=self.model_id,
+            refiner=[move(t) for t in self.refiner],
         )
 
     @property
@@ -48,7 +51,7 @@ class ReferenceCache:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (*self.bank, *self.motion, self.latent, self.face_mask) if t is not None]
+        tensors = [t for t in (*self.bank, *self.motion, self.latent, self.face_mask, *self.refiner) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def save(self, path: str | Path) -> None:
@@ -57,7 +60,8 @@ class ReferenceCache:
         tensors = {"latent": self.latent, "face_mask": self.face_mask}
         tensors.update({f"bank.{i}": t for i, t in enumerate(self.bank) if t is not None})
         tensors.update({f"motion.{i}": t for i, t in enumerate(self.motion)})
-        metadata = {"model_id": self.model_id, "slots": str(len(self.motion))}
+        tensors.update({f"refiner.{i}": t for i, t in enumerate(self.refiner)})
+        metadata = {"model_id": self.model_id, "slots": str(len(self.motion)), "refiner_levels": str(len(self.refiner))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -81,6 +85,7 @@ class ReferenceCache:
                 latent=tensors["latent"],
                 face_mask=tensors["face_mask"],
                 model_id=metadata["model_id"],
+                refiner=[tensors[f"refiner.{i}"] for i in range(int(metadata.get("refiner_levels", 0)))],
             )
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             raise EmoteError(f"cannot read reference cache {path}: {exc}") from exc

@@ -17,6 +17,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of speech per session (with --streaming)")
     parser.add_argument("--window-frames", type=int, default=None, help="new frames per window (default: low latency)")
     parser.add_argument("--context-lookahead", type=int, default=0, help="future audio-context frames to wait for")
+    parser.add_argument("--refine", action="store_true",
+                        help="decode through the model's portrait refiner (live sessions skip it by default)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise EmoteError(f"--window-frames must be at least 1, got {args.window_frames}")
     pipe = load_pipeline(args.model, args.device, args.dtype, preset=args.preset)
     config = StreamConfig(steps=args.steps, strength=args.strength, frames_per_window=args.window_frames,
-                          context_lookahead_frames=args.context_lookahead)
+                          context_lookahead_frames=args.context_lookahead, refine=args.refine)
     config.resolve(pipe.config)  # bad values -> EmoteError before anything starts
     result = asyncio.run(bench_streaming(pipe, args.sessions, args.seconds, config))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -34,6 +34,9 @@ class StreamConfig:
     max_buffered_audio_s: float = 30.0  # hard cap on queued input audio (oldest dropped beyond it)
     max_audio_backlog_s: float | None = None  # live input: drop the oldest audio beyond this backlog (latency cap)
     max_consumer_lag_frames: int = 3  # a reader later than this skips to the current frame
+    # Decode through the model's portrait refiner, if it has one. Off by default: on the 2-core CPU it costs about
+    # 24 ms per frame on the model's one thread, and a live window then takes longer than it lasts (docs/benchmarks.md).
+    refine: bool = False
 
     def resolve(self, model: ModelConfig) -> "StreamConfig":
         steps = self.steps or model.default_steps

@@ -359,7 +359,8 @@ class StreamingEngine:
         latents = self.pipeline.denoise_windows(inputs, steps=steps, strength=self.config.strength)
         t1 = self.clock.now()
         b, f = latents.shape[:2]
-        images = self.pipeline.decode(latents.flatten(0, 1))
+        references = [w.reference for w in inputs for _ in range(f)]
+        images = self.pipeline.decode(latents.flatten(0, 1), references, refine=self.config.refine)
         images = images.reshape(b, f, *images.shape[1:])
         return images, latents.cpu(), t1 - t0, self.clock.now() - t1
 

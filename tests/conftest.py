@@ -68,3 +68,18 @@ def media_files(tmp_path, portrait):
     Image.fromarray(np.kron(portrait, np.ones((4, 3, 1), np.uint8))).save(image_path)  # non-square, larger
     audio_path = write_wav(tmp_path / "speech.wav", speech_like(1.3))
     return image_path, audio_path
+
+
+def with_portrait_refiner(pipe, seed: int = 0):
+    """`pipe` with a PortraitRefiner whose last layer is random, not zero, so that it changes the decoded frames (a
+    new one starts as the autoencoder's decoder)."""
+    import torch
+
+    from avatar.grow import add_portrait_refiner
+
+    refined = add_portrait_refiner(pipe, seed=seed)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for p in refined.portrait_refiner.conv_out.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return refined

@@ -156,7 +156,7 @@ def test_bench_prints_stage_timings_as_json(capsys):
     assert code == 0, err
     result = json.loads(out)
     assert result["steps"] == 2 and result["strength"] == 0.5
-    for stage in ("audio_encode", "motion_reference", "unet_step", "vae_decode", "window_total"):
+    for stage in ("audio_encode", "motion_reference", "unet_step", "decode", "window_total"):
         assert result["ms_per_frame"][stage] > 0
     assert result["fps"] > 0 and result["peak_memory_mb"] > 0
     assert set(result["params"]) == {"vae", "reference_net", "backbone", "audio_encoder"}

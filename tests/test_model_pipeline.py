@@ -14,7 +14,7 @@ from avatar.errors import CheckpointError, EmoteError
 from avatar.pipeline import AvatarPipeline, WindowInput, window_seed
 from avatar.reference import ReferenceCache
 from avatar.schedulers import build_scheduler, fresh_scheduler
-from conftest import speech_like
+from conftest import speech_like, with_portrait_refiner
 
 
 def render(pipe, portrait, seconds=1.0, **kwargs):
@@ -260,6 +260,61 @@ def test_save_load_round_trip_is_bit_exact(tiny_pipe, tiny_model_dir, portrait):
     assert loaded.config == tiny_pipe.config
     assert loaded.model_id == tiny_pipe.model_id
     assert np.array_equal(render(tiny_pipe, portrait, seed=5), render(loaded, portrait, seed=5))
+
+
+@pytest.fixture(scope="module")
+def portrait_refiner_pipe(tiny_pipe):
+    return with_portrait_refiner(tiny_pipe, seed=5)
+
+
+def test_a_new_portrait_refiner_starts_as_the_autoencoders_decoder(tiny_pipe, portrait):
+    from avatar.grow import add_portrait_refiner
+
+    refined = add_portrait_refiner(tiny_pipe, seed=5)
+    assert np.array_equal(render(refined, portrait, seed=5), render(tiny_pipe, portrait, seed=5))
+
+
+def test_portrait_refiner_decodes_with_each_frames_own_portrait(portrait_refiner_pipe, portrait):
+    pipe = portrait_refiner_pipe
+    mine, other = pipe.prepare_reference(portrait), pipe.prepare_reference(255 - portrait)
+    assert [f.shape[1] for f in mine.refiner] == list(pipe.config.portrait_refiner_channels)
+    latents = torch.randn(2, *mine.latent.shape[1:], generator=torch.Generator().manual_seed(0))
+    with_mine, with_other = pipe.decode(latents, mine), pipe.decode(latents, other)
+    assert np.abs(with_mine.astype(int) - with_other.astype(int)).mean() > 0.1  # it reads the portrait
+    mixed = pipe.decode(latents, [mine, other])  # two sessions in one batch
+    assert np.abs(mixed[0].astype(int) - with_mine[0]).max() <= 1
+    assert np.abs(mixed[1].astype(int) - with_other[1]).max() <= 1
+    with pytest.raises(ValueError, match="one reference per latent"):
+        pipe.decode(latents, [mine, other, mine])
+
+
+def test_portrait_refiner_model_saves_loads_and_caches_exactly(portrait_refiner_pipe, tiny_pipe, portrait, tmp_path):
+    pipe = portrait_refiner_pipe
+    pipe.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "portrait_refiner" / "config.json").is_file()
+    loaded = AvatarPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.config.portrait_refiner_channels == pipe.config.portrait_refiner_channels
+    assert loaded.model_id == pipe.model_id != tiny_pipe.model_id  # a cache holds the decoder's features too
+    frames = render(pipe, portrait, seed=5)
+    assert not np.array_equal(frames, render(tiny_pipe, portrait, seed=5))
+    assert np.array_equal(frames, render(loaded, portrait, seed=5))
+    pipe.prepare_reference(portrait).save(tmp_path / "ref.safetensors")
+    cached = ReferenceCache.load(tmp_path / "ref.safetensors", expected_model_id=loaded.model_id)
+    assert np.array_equal(frames, render(loaded, np.zeros_like(portrait), seed=5, reference=cached))
+    shutil.rmtree(tmp_path / "model" / "portrait_refiner")
+    with pytest.raises(CheckpointError, match="portrait_refiner"):
+        AvatarPipeline.from_pretrained(tmp_path / "model")
+
+
+def test_portrait_refiner_widths_are_validated(tiny_pipe):
+    cfg = tiny_pipe.config
+    with pytest.raises(EmoteError, match="one positive width per VAE level"):
+        cfg.replace(portrait_refiner_channels=(8, 8)).validate()
+    with pytest.raises(EmoteError, match="one positive width per VAE level"):
+        cfg.replace(portrait_refiner_channels=(8, 0, 8)).validate()
+    with pytest.raises(EmoteError, match="portrait refiner is needed"):
+        AvatarPipeline(cfg.replace(portrait_refiner_channels=(8, 8, 8)), tiny_pipe.vae, tiny_pipe.reference_net,
+                       tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
 
 
 def test_checkpoint_directory_layout(tiny_model_dir):

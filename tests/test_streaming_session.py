@@ -223,8 +223,9 @@ async def test_memory_stays_bounded_over_many_windows_with_and_without_a_reader(
     await clock.run(body())
 
 
-async def _run_sessions(seeds: list[int], pipe_record: SimulatedPipeline, clock: FakeClock, n_frames: int = 24):
-    engine = engine_for(pipe_record, clock)
+async def _run_sessions(seeds: list[int], pipe_record: SimulatedPipeline, clock: FakeClock, n_frames: int = 24,
+                        **config):
+    engine = engine_for(pipe_record, clock, **config)
     await engine.start()
     for s in seeds:
         await engine.add_avatar(f"a{s}", portrait(s))
@@ -239,12 +240,22 @@ async def _run_sessions(seeds: list[int], pipe_record: SimulatedPipeline, clock:
     return {s: out for s, out in zip(seeds, outputs)}
 
 
-async def test_two_sessions_batched_equal_each_alone():
+@functools.cache
+def tiny_with_portrait_refiner() -> AvatarPipeline:
+    from conftest import with_portrait_refiner
+
+    return with_portrait_refiner(tiny(), seed=3)
+
+
+@pytest.mark.parametrize("model", [tiny, tiny_with_portrait_refiner])
+async def test_two_sessions_batched_equal_each_alone(model):
+    """Also with a PortraitRefiner (`StreamConfig.refine`): each frame of a batch is refined with its own session's
+    portrait."""
     results, recorders = {}, {}
     for label, seeds in (("a", [1]), ("b", [2]), ("ab", [1, 2])):
         clock = FakeClock()
-        recorders[label] = SimulatedPipeline(tiny(), record=100)
-        results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock))
+        recorders[label] = SimulatedPipeline(model(), record=100)
+        results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock, refine=True))
     assert any(size == 2 for size, _ in recorders["ab"].calls)  # they really shared backbone calls
     for seed, alone in ((1, results["a"][1]), (2, results["b"][2])):
         together = results["ab"][seed]
@@ -256,6 +267,17 @@ async def test_two_sessions_batched_equal_each_alone():
     alone_latents = {seed: l for r in (recorders["a"], recorders["b"]) for seed, l in r.latents}
     for seed, latents in recorders["ab"].latents:
         torch.testing.assert_close(latents, alone_latents[seed], rtol=1e-5, atol=1e-5)
+
+
+async def test_live_sessions_skip_the_portrait_refiner_unless_configured():
+    frames = {}
+    for label, model, config in (("plain", tiny, {}), ("skipped", tiny_with_portrait_refiner, {}),
+                                 ("refined", tiny_with_portrait_refiner, {"refine": True})):
+        clock = FakeClock()
+        out = await clock.run(_run_sessions([1], SimulatedPipeline(model(), record=100), clock, **config))
+        frames[label] = np.stack([f.image for f in out[1]])
+    assert np.array_equal(frames["plain"], frames["skipped"])
+    assert not np.array_equal(frames["plain"], frames["refined"])
 
 
 async def test_a_shared_noise_model_draws_every_window_of_a_session_from_its_first_windows_seed():

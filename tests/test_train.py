@@ -553,6 +553,13 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "1", "--data", "/nonexistent/corpus", "--out", "{tmp}/o"],
         ["train", "--stage", "2", "--data", "{corpus}", "--out", "{tmp}/o"],
         ["train", "--stage", "decoder", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "refiner", "--data", "{corpus}", "--out", "{tmp}/o"],
+        ["train", "--stage", "refiner", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--refiner-channels", "8,x,8"],
+        ["train", "--stage", "refiner", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--refiner-channels", "8,8"],
+        ["train", "--stage", "decoder", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--refiner-channels", "8,8,8"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--steps", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--lr", "-1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "nope"],
@@ -620,6 +627,47 @@ def test_cli_bad_input_exits_2(argv, corpus, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "Traceback" not in err
+
+
+def test_refiner_stage_adds_and_trains_the_portrait_refiner_only(corpus, tmp_path):
+    """From a student: the stage adds a PortraitRefiner, trains nothing else, its loss falls, and the exported model
+    keeps the student's sampler and has the refiner; a second run continues it."""
+    from avatar.grow import add_portrait_refiner
+
+    student = tiny_student()
+    pipe = add_portrait_refiner(student, seed=0)
+    objective = build_objective("refiner", pipe)
+    before, after, changed = overfit(objective, corpus, tmp_path / "fit", steps=30, lr=3e-3)
+    assert after < 0.5 * before, (before, after)
+    assert changed and all(n.startswith("portrait_refiner.") for n in changed)
+
+    student.save_pretrained(tmp_path / "student")
+    settings = LoopSettings(out=tmp_path / "run", steps=2, batch_size=2, lr=1e-3, save_every=10**6, progress=False)
+    first = train_stage("refiner", corpus, settings, init=tmp_path / "student", limit_windows=2,
+                        portrait_refiner_channels=(8, 12, 16)).model_dir
+    exported = AvatarPipeline.from_pretrained(first)
+    assert exported.config == student.config.replace(portrait_refiner_channels=(8, 12, 16))
+    image = torch.zeros(1, 3, 32, 32)
+    assert [f.shape[1] for f in exported.portrait_refiner.portrait_features(image, image)] == [8, 12, 16]
+    for name in ("vae", "reference_net", "backbone", "audio_encoder"):
+        a, b = getattr(student, name).state_dict(), getattr(exported, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    settings = LoopSettings(out=tmp_path / "again", steps=1, batch_size=2, lr=0.0, save_every=10**6, progress=False)
+    again = AvatarPipeline.from_pretrained(train_stage("refiner", corpus, settings, init=first,
+                                                       limit_windows=2).model_dir)
+    a, b = exported.portrait_refiner.state_dict(), again.portrait_refiner.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # continued (at LR 0), not replaced by a new one
+
+
+def test_warm_refiner_stage_fits_the_refiner_to_what_the_student_draws(corpus, tmp_path):
+    from avatar.grow import add_portrait_refiner
+
+    with pytest.raises(EmoteError, match="portrait refiner"):
+        build_objective("warm-refiner", tiny_student())
+    pipe = add_portrait_refiner(tiny_student(), seed=0)
+    before, after, changed = overfit(build_objective("warm-refiner", pipe), corpus, tmp_path, steps=30, lr=3e-3)
+    assert after < 0.7 * before, (before, after)
+    assert changed and all(n.startswith("portrait_refiner.") for n in changed)
 
 
 def test_cli_train_writes_a_loadable_model(corpus, tmp_path, capsys):

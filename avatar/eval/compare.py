@@ -115,8 +115,8 @@ def evaluate_row(row: Row, clips: list[EvalClip], drift_seconds: float, seed: in
 
 
 def vae_ceiling(model_dir: str, clips: list[EvalClip]) -> dict:
-    """The oracle's own frames through the model's VAE (encode, decode) and scored: the best any backbone on this
-    autoencoder can reach."""
+    """The oracle's own frames through the model's VAE encoder and its decoder (the PortraitRefiner, reading the
+    neutral portrait, if the model has one) and scored: the best any backbone on this autoencoder can reach."""
     import torch
 
     from avatar import vae as vae_ops
@@ -129,7 +129,7 @@ def vae_ceiling(model_dir: str, clips: list[EvalClip]) -> dict:
     with torch.no_grad():
         for oracle in oracles:
             latents = vae_ops.encode(pipe.vae, vae_ops.from_uint8(torch.from_numpy(oracle.frames)))
-            decoded.append(vae_ops.to_uint8(vae_ops.decode(pipe.vae, latents)).numpy())
+            decoded.append(pipe.decode(latents, pipe.prepare_reference(oracle.neutral)))
     result = score_clips(decoded, oracles, clips)
     result.update(label="VAE only (oracle frames)", model=model_dir, steps=0, guidance=0.0, sampler="-",
                   resolution=int(pipe.resolution), cpu_fps=None, drift=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from avatar.config import WARM_STARTS
 from avatar.errors import EmoteError
 
-STAGE_CHOICES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
+STAGE_CHOICES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -34,8 +34,9 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
 
 def register(subparsers) -> None:
     train = subparsers.add_parser(
-        "train", help="train one EMO stage (vae, decoder, audio, 1 image, 2 video, 3 speed) on a corpus, or fine-tune "
-                      "a distilled student on its warm-start input (warm)")
+        "train", help="train one EMO stage (vae, decoder, refiner, audio, 1 image, 2 video, 3 speed) on a corpus, or "
+                      "fine-tune a distilled student, or its portrait refiner, on its warm-start input (warm, "
+                      "warm-refiner)")
     train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
@@ -57,11 +58,15 @@ def register(subparsers) -> None:
     train.add_argument("--expert-warmup", type=int, default=0, metavar="STEPS",
                        help="stage warm: train the mouth expert alone for the first STEPS steps (the student waits), "
                             "so that a run from a model, with a new expert, moves the student once its sync loss "
-                            "reads something; stages vae and decoder: their lip reader alone (the autoencoder "
-                            "waits)")
+                            "reads something; stages vae, decoder and refiner: their lip reader alone (the "
+                            "decoder waits)")
     train.add_argument("--lip-reading-weight", type=float, default=0.0, metavar="W",
-                       help="stages vae and decoder: add W x a lip-reading term: a mouth expert, trained alongside on "
-                            "the true frames, must read the reconstructed mouths as it reads the true ones (0: none)")
+                       help="stages vae, decoder and refiner: add W x a lip-reading term: a mouth expert, trained "
+                            "alongside on the true frames, must read the reconstructed mouths as it reads the true "
+                            "ones (0: none)")
+    train.add_argument("--refiner-channels", type=_widths, default=None, metavar="W0,W1,...",
+                       help="stage refiner, on a model without a portrait refiner: its widths, full resolution "
+                            "first, one per autoencoder level (default: 16, 24, 32, then 32 per further level)")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -109,6 +114,16 @@ def loop_settings(args: argparse.Namespace, ema_decay: float = 0.999):
     )
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
+
+
 def _report(result) -> None:
     print(json.dumps({"step": result.step, "model": str(result.model_dir), "steps_per_s": round(result.steps_per_s, 4),
                       "last_loss": result.losses[-1] if result.losses else None}))
@@ -116,8 +131,6 @@ def _report(result) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     settings = loop_settings(args, args.ema_decay)
-    if args.stage in ("decoder", "2", "3", "warm") and args.init is None:
-        raise EmoteError(f"stage {args.stage} continues a trained model: pass --init DIR (the previous stage's --out)")
     if args.init is not None and not args.init.exists():
         raise EmoteError(f"--init {args.init} does not exist")
     if not 0 <= args.expert_warmup < args.steps:
@@ -134,7 +147,8 @@ def run_train(args: argparse.Namespace) -> int:
                         limit_windows=args.limit_windows, frozen=tuple(args.freeze),
                         grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start,
                         grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup,
-                        lip_reading_weight=args.lip_reading_weight))
+                        lip_reading_weight=args.lip_reading_weight,
+                        portrait_refiner_channels=args.refiner_channels))
     return 0
 
 

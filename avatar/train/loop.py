@@ -405,36 +405,42 @@ def as_teacher(pipe) -> None:
 def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str | Path | None = None,
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
-                grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0) -> LoopResult:
-    """Run one EMO stage (`vae`, `decoder`, `audio`, `1`, `2`, `3`), or `warm` on a distilled student, starting from
-    `init` (a model directory) or a fresh `preset`; the components in `frozen` keep their weights;
-    `grow_attention_levels` adds spatial attention at those UNet levels of `init` first, `grow_audio_locator` an audio
-    locator of that many channels (avatar/grow.py). Stage outputs are teachers (DDIM); `warm` keeps the student's
-    sampler, and `warm_start` sets what its windows start from (`ModelConfig.warm_start`); it continues the mouth
+                grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0,
+                portrait_refiner_channels: tuple[int, ...] | None = None) -> LoopResult:
+    """Run one EMO stage (`vae`, `decoder`, `refiner`, `audio`, `1`, `2`, `3`), or `warm` or `warm-refiner` on a
+    distilled student, starting from `init` (a model directory) or a fresh `preset`; the components in `frozen` keep
+    their weights; `grow_attention_levels` adds spatial attention at those UNet levels of `init` first,
+    `grow_audio_locator` an audio locator of that many channels (avatar/grow.py). Stage `refiner` adds a
+    PortraitRefiner of widths `portrait_refiner_channels` (default: `grow.default_refiner_channels`) to an `init`
+    without one. Stage outputs are teachers (DDIM); `warm`, `refiner` and `warm-refiner` keep the `init` model's
+    sampler, and `warm_start` sets what `warm`'s windows start from (`ModelConfig.warm_start`); it continues the mouth
     expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise), stores it with each
-    export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0 adds stages vae and
-    decoder's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way. Every run exports the experts
-    of `init` that it does not train, unchanged."""
+    export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0 adds stages vae,
+    decoder and refiner's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way. Every run exports
+    the experts of `init` that it does not train, unchanged."""
     from avatar.checkpoint import load_training_module
-    from avatar.grow import grow_attention, grow_audio_locator as add_audio_locator
+    from avatar.grow import add_portrait_refiner, grow_attention, grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
     from .lipsync import EXPERT_MODULE, LIP_READER_MODULE, MouthExpert
-    from .stages import build_objective
+    from .stages import AUTOENCODER_STAGES, CONTINUING_STAGES, build_objective
 
-    if stage in ("decoder", "2", "3", "warm") and init is None:
+    if stage in CONTINUING_STAGES and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
     if warm_start is not None and stage != "warm":
         raise EmoteError("--warm-start applies to --stage warm only")
     if not 0 <= lip_reading_weight <= 100:  # also refuses nan
         raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {lip_reading_weight}")
-    if lip_reading_weight > 0 and stage not in ("vae", "decoder"):
-        raise EmoteError("--lip-reading-weight applies to --stage vae and decoder only")
-    if lip_reading_weight > 0 and "vae" in frozen:
+    if lip_reading_weight > 0 and stage not in AUTOENCODER_STAGES:
+        raise EmoteError("--lip-reading-weight applies to --stage vae, decoder and refiner only")
+    if portrait_refiner_channels is not None and stage != "refiner":
+        raise EmoteError("--refiner-channels applies to --stage refiner only")
+    if lip_reading_weight > 0 and stage != "refiner" and "vae" in frozen:
         raise EmoteError("--lip-reading-weight trains the autoencoder, which --freeze vae keeps fixed")
     expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight > 0 else None
     if expert_warmup and expert_module is None:
-        raise EmoteError("--expert-warmup applies to --stage warm, or vae and decoder with --lip-reading-weight")
+        raise EmoteError("--expert-warmup applies to --stage warm, or vae, decoder and refiner with "
+                         "--lip-reading-weight")
     init_dir = resolve_model_dir(init) if init is not None else None
     if init_dir is not None:
         pipe = AvatarPipeline.from_pretrained(init_dir)
@@ -448,7 +454,11 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         if init is None:
             raise EmoteError("growing an audio locator continues a trained model: pass --init DIR")
         pipe = add_audio_locator(pipe, grow_audio_locator, seed=settings.seed)
-    if stage != "warm":
+    if stage == "refiner" and pipe.portrait_refiner is None:
+        pipe = add_portrait_refiner(pipe, portrait_refiner_channels, seed=settings.seed)
+    elif portrait_refiner_channels is not None:
+        raise EmoteError("--refiner-channels: the --init model has a portrait refiner already")
+    if stage not in ("warm", "refiner", "warm-refiner"):  # the portrait refiner changes no sampling
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()

@@ -5,6 +5,8 @@
   assumes);
 - stage `decoder`: the same loss, the decoder alone: the latent space stays as it is, so a sharper decoder can be
   trained at any time and dropped into a model whose backbone was trained on that latent space;
+- stage `refiner`: the same loss for the model's PortraitRefiner (`avatar/refiner.py`), which sharpens the
+  autoencoder's decoding of a frame with another frame of the same clip as the portrait; nothing else trains;
 - stage `audio`: the mel audio encoder alone, made to predict the corpus's exact mouth parameters (opening, width,
   rounding, teeth, tongue) from its per-frame features through a linear probe: a fast supervised start, so that
   stage 2's cross-attention finds lip-relevant features instead of learning them from the diffusion loss alone, where
@@ -13,7 +15,8 @@
 - stage `2` (video): temporal layers, audio cross-attention, the audio projection and the mel encoder, on windows of
   F frames preceded by M motion frames; everything spatial is frozen;
 - stage `3` (speed): the speed layers only (EMO froze audio here: training it jointly weakened audio control);
-- stage `warm`: a distilled student's whole backbone, on the input it samples from warm-started (`warm.py`).
+- stage `warm`: a distilled student's whole backbone, on the input it samples from warm-started (`warm.py`);
+- stage `warm-refiner`: a student's PortraitRefiner, on the latents the student draws there (`warm.py`).
 
 Every objective is an `nn.Module` whose `forward(batch, generator)` returns the loss, so that `accelerate` (DDP,
 autocast) wraps the whole computation. All randomness comes from `generator`, which makes a step reproducible.
@@ -34,8 +37,11 @@ from avatar.unet import BackboneConditions, lip_region_grid, parameter_group
 
 from .lipsync import MouthExpert, lip_crops, mouth_error
 
-STAGES = ("vae", "decoder", "audio", "1", "2", "3", "warm")
-COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder")  # the trainable networks of a pipeline
+STAGES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner")
+CONTINUING_STAGES = ("decoder", "refiner", "2", "3", "warm", "warm-refiner")  # the stages that need --init
+AUTOENCODER_STAGES = ("vae", "decoder", "refiner")  # VaeObjective's, which may add the lip-reading term
+# the trainable networks of a pipeline
+COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder", "portrait_refiner")
 
 # Condition dropout, so that the teacher supports the pipeline's guidance (drop audio; drop reference and audio).
 DROP_AUDIO_P = 0.05
@@ -64,6 +70,8 @@ def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> boo
         return component == "vae"
     if stage == "decoder":
         return component == "vae" and name.startswith("decoder.")
+    if stage in ("refiner", "warm-refiner"):
+        return component == "portrait_refiner"
     if stage == "audio":
         return component == "audio_encoder" and cfg.audio_encoder == "mel"
     if stage == "1":
@@ -153,6 +161,7 @@ class PipelineModules(nn.Module):
         self.reference_net = pipe.reference_net
         self.backbone = pipe.backbone
         self.audio_encoder = pipe.audio_encoder
+        self.portrait_refiner = pipe.portrait_refiner
         for module in (*self.backbone.modules(), *self.reference_net.modules()):
             if isinstance(module, nn.GroupNorm):
                 module.register_forward_pre_hook(_contiguous_input)
@@ -173,7 +182,7 @@ class PipelineModules(nn.Module):
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         picked = []
         for component in COMPONENTS:
-            if component in self.frozen:
+            if component in self.frozen or getattr(self, component) is None:
                 continue
             for name, param in getattr(self, component).named_parameters():
                 if stage_trains(self.stage, component, name, self.cfg):
@@ -308,7 +317,9 @@ class PipelineModules(nn.Module):
 
 class VaeObjective(PipelineModules):
     """Stages `vae` and `decoder`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation),
-    L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there).
+    L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there). Stage
+    `refiner`: the same, through the frozen encoder and the PortraitRefiner, with the window's reference frame
+    (another frame of the clip) as the portrait.
 
     With `lip_reading_weight` > 0, a lip-reading term: a mouth expert (`lipsync.py`) learns the corpus's mouth
     parameters from the true frames' lip region, and its reading of the reconstructed frames is pulled to its reading
@@ -323,9 +334,11 @@ class VaeObjective(PipelineModules):
     def __init__(self, pipe, stage: str = "vae", frozen: tuple[str, ...] = (), lip_reading_weight: float = 0.0,
                  expert: MouthExpert | None = None, expert_warmup: int = 0):
         super().__init__(pipe, stage, frozen)
-        if stage == "decoder":
+        if stage in ("decoder", "refiner"):
             self.latent_reg_weight = 0.0  # the encoder is frozen: the term has no gradient
-        if pipe.config.vae_type != "tiny":
+        if stage == "refiner" and self.portrait_refiner is None:
+            raise EmoteError("stage refiner needs a model with a portrait refiner (portrait_refiner_channels)")
+        if stage != "refiner" and pipe.config.vae_type != "tiny":
             raise EmoteError(f"stage {stage} trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
         self.lip_reading_weight = lip_reading_weight
         if lip_reading_weight > 0:
@@ -352,24 +365,43 @@ class VaeObjective(PipelineModules):
             expert_loss = LIP_READER_LOSS_WEIGHT * mouth_error(true_reading, true_mouths)
             if self.expert_only:  # --expert-warmup: the autoencoder is not run, so it stays as it is
                 return expert_loss
-        images = torch.cat([truth, images_from_uint8(batch["reference"], self.cfg.resolution).to(device)])
-        latents = self.vae.encode(images).latents
-        recon = self.vae.decode(latents).sample.float()
-        res = images.shape[-1]
-        weights = torch.cat([
-            lip_weights(batch["face_box"], res).flatten(0, 1).to(device),
-            torch.ones(len(batch["reference"]), 1, res, res, device=device),  # its face box is not known
-        ])
+        reference = images_from_uint8(batch["reference"], self.cfg.resolution).to(device)
+        res = truth.shape[-1]
+        if self.stage == "refiner":
+            images, recon = truth, self.decode_with_portrait(truth, reference)
+            weights = lip_weights(batch["face_box"], res).flatten(0, 1).to(device)
+        else:
+            images = torch.cat([truth, reference])
+            latents = self.vae.encode(images).latents
+            recon = self.vae.decode(latents).sample.float()
+            weights = torch.cat([
+                lip_weights(batch["face_box"], res).flatten(0, 1).to(device),
+                torch.ones(len(batch["reference"]), 1, res, res, device=device),  # its face box is not known
+            ])
         error = recon - images
         loss = weighted_mean(error.abs() + error.square(), weights)
-        lat = latents.float()
-        loss = loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
+        if self.latent_reg_weight:
+            lat = latents.float()
+            loss = loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
         if self.expert is None:
             return loss
         recon_reading = self.expert.frozen_reading(lip_crops(recon[: len(truth)], boxes))
         # in float32: under bf16 autocast both readings come out of the expert's Linear in bf16
         term = mouth_error(recon_reading.float(), true_reading.detach().float())
         return loss + self.lip_reading_weight * term + expert_loss
+
+    def decode_with_portrait(self, truth: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """(B*F, 3, R, R) true frames, (B, 3, R, R) their windows' reference frames -> the PortraitRefiner's
+        reconstructions of the true frames, from the frozen autoencoder's latents and decodings."""
+        frames = len(truth) // len(reference)
+        with torch.no_grad():
+            images = torch.cat([truth, reference]).to(next(self.vae.parameters()).dtype)
+            latents = vae_ops.encode(self.vae, images)
+            decoded = vae_ops.decode(self.vae, latents)
+        refiner = self.portrait_refiner
+        n = len(truth)
+        features = [f.repeat_interleave(frames, 0) for f in refiner.portrait_features(reference, decoded[n:])]
+        return refiner(latents[:n], decoded[:n], latents[n:].repeat_interleave(frames, 0), features).float()
 
 
 class AudioObjective(PipelineModules):
@@ -447,7 +479,7 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
-    if stage in ("vae", "decoder"):
+    if stage in AUTOENCODER_STAGES:
         return VaeObjective(pipe, stage, frozen, lip_reading_weight=lip_reading_weight, expert=expert,
                             expert_warmup=expert_warmup)
     if stage == "audio":
@@ -460,4 +492,8 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
         from .warm import WarmStartObjective  # it builds on distillation, which builds on this module
 
         return WarmStartObjective(pipe, stage, frozen, expert_warmup=expert_warmup, expert=expert)
+    if stage == "warm-refiner":
+        from .warm import WarmRefinerObjective
+
+        return WarmRefinerObjective(pipe, stage, frozen)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

@@ -69,7 +69,7 @@ class WarmStartObjective(PipelineModules):
         self.add_expert(expert, expert_warmup)
 
     def fast_parameters(self) -> list[torch.nn.Parameter]:
-        return super().fast_parameters() + list(self.expert.parameters())
+        return super().fast_parameters() + (list(self.expert.parameters()) if self.expert is not None else [])
 
     def shared_noise(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
         """With the model's shared noise, one noise image per sample of the batch (B, 1, C, h, w) for all its frames;
@@ -142,3 +142,35 @@ class WarmStartObjective(PipelineModules):
                                 self.true_mouths(batch).to(decoded.device))
         return (latent_loss + PIXEL_LIP_LOSS_WEIGHT * pixel_loss + SYNC_LOSS_WEIGHT * sync_loss
                 + EXPERT_LOSS_WEIGHT * self.expert_loss(batch, x0))
+
+
+class WarmRefinerObjective(WarmStartObjective):
+    """Stage `warm-refiner`: the student's PortraitRefiner, on the latents the student draws when it samples (built
+    as the `warm` stage builds them, no gradient), against the true frames; the student stays as it is. The `refiner`
+    stage fits it on the autoencoder's latents of true frames, which the student's only resemble."""
+
+    def __init__(self, pipe, stage: str = "warm-refiner", frozen: tuple[str, ...] = ()):
+        super().__init__(pipe, stage, frozen)
+        self.expert = None  # no sync loss: the student does not train
+        if self.portrait_refiner is None:
+            raise EmoteError("stage warm-refiner trains the model's portrait refiner: train one with --stage refiner")
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        m, res = self.cfg.motion_frames, self.cfg.resolution
+        with torch.no_grad():
+            reference = self.reference_features(batch)
+            noise = self.shared_noise(reference[0], generator)
+            motion = self.own_motion_frames(batch, reference, generator, noise)
+            x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
+            denoised = self.first_step(start, x0.shape[1], cond, generator, noise).flatten(0, 1)
+            dtype = next(self.vae.parameters()).dtype
+            decoded = vae_ops.decode(self.vae, denoised.to(dtype))
+            portrait = images_from_uint8(batch["reference"], res).to(decoded.device)
+            portrait_decoded = vae_ops.decode(self.vae, reference[0].to(dtype))
+        frames = x0.shape[1]
+        features = [f.repeat_interleave(frames, 0)
+                    for f in self.portrait_refiner.portrait_features(portrait, portrait_decoded)]
+        refined = self.portrait_refiner(denoised, decoded, reference[0].repeat_interleave(frames, 0), features).float()
+        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(refined.device)
+        error = refined - truth
+        return weighted_mean(error.abs() + error.square(), lip_weights(batch["face_box"][:, m:], res).flatten(0, 1))
