@@ -306,19 +306,25 @@ class AvatarPipeline:
         return denoised
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, references: ReferenceCache | list[ReferenceCache],
+    def decode(self, latents: torch.Tensor, references: ReferenceCache | list[ReferenceCache] | None = None,
                refine: bool = True) -> np.ndarray:
         """(N, C, h, w) -> uint8 (N, H, W, 3). `references`: the portrait behind every frame, or a list of N
-        (a batch of several sessions); only a model with a PortraitRefiner reads them. `refine=False` skips the
+        (a batch of several sessions); only a model with a PortraitRefiner needs them. `refine=False` skips the
         refiner (the autoencoder's frames, as a model without one decodes)."""
         latents = latents.to(self.device, self.dtype)
         decoded = vae_ops.decode(self.vae, latents)
         if self.portrait_refiner is None or not refine:
             return vae_ops.to_uint8(decoded).numpy()
+        if references is None:
+            raise ValueError("this model refines its frames with the portrait: pass its ReferenceCache")
         if isinstance(references, ReferenceCache):
             references = [references]
         elif len(references) != len(latents):
             raise ValueError(f"decode needs one reference per latent, got {len(references)} for {len(latents)}")
+        levels = len(self.portrait_refiner.decoder_levels)
+        if any(len(r.refiner) != levels for r in references):
+            raise EmoteError("a reference cache has no portrait-refiner features for this model: prepare it again "
+                             "with this model's prepare_reference")
         portrait_latent, features = _refiner_inputs(references, self.device, self.dtype)
         images = self.portrait_refiner(latents, decoded, portrait_latent, features).clamp(-1, 1)
         return vae_ops.to_uint8(images).numpy()

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-cert", type=Path, default=None)
     serve.add_argument("--tls-key", type=Path, default=None)
     serve.add_argument("--log-format", choices=("json", "text"), default="json")
+    serve.add_argument("--refine", action="store_true",
+                       help="decode live frames through the model's portrait refiner (sharper; off by default: a "
+                            "2-core CPU cannot afford it in real time)")
     serve.set_defaults(func=run_serve)
 
 
@@ -51,6 +54,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_duration=args.max_duration,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        refine=args.refine,
     ).validate()
 
 
@@ -101,6 +105,7 @@ def configure_logging(fmt: str) -> dict:
 def build_app(settings: Settings):
     """Model, avatars, engine and app, ready for uvicorn (also used by the tests)."""
     from avatar.cli import load_pipeline
+    from streaming.config import StreamConfig
     from streaming.engine import StreamingEngine
 
     from .app import create_app
@@ -109,7 +114,7 @@ def build_app(settings: Settings):
     pipeline = load_pipeline(settings.model, settings.device)
     avatars = AvatarStore(settings.data_dir / "avatars", pipeline)
     avatars.load()
-    engine = StreamingEngine(pipeline)
+    engine = StreamingEngine(pipeline, StreamConfig(refine=settings.refine))
     return create_app(settings, pipeline, engine, avatars)
 
 

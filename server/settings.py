@@ -54,6 +54,7 @@ class Settings:
     keyframe_interval: float = 2.0  # seconds between forced keyframes
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    refine: bool = False  # live frames through the model's portrait refiner (StreamConfig.refine)
     static_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1] / "client_web")
 
     def validate(self) -> "Settings":

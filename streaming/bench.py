@@ -115,6 +115,7 @@ async def bench_streaming(pipe, sessions: int, seconds: float, config: StreamCon
         "device": str(pipe.device),
         "sessions": sessions,
         "seconds": seconds,
+        "refine": cfg.refine,
         "fps": min(p["fresh_fps"] for p in per_session),
         "output_fps": min(p["frames"] / seconds for p in per_session),
         "audio_to_lip_ms": {

@@ -34,8 +34,8 @@ class StreamConfig:
     max_buffered_audio_s: float = 30.0  # hard cap on queued input audio (oldest dropped beyond it)
     max_audio_backlog_s: float | None = None  # live input: drop the oldest audio beyond this backlog (latency cap)
     max_consumer_lag_frames: int = 3  # a reader later than this skips to the current frame
-    # Decode through the model's portrait refiner, if it has one. Off by default: on the 2-core CPU it costs about
-    # 24 ms per frame on the model's one thread, and a live window then takes longer than it lasts (docs/benchmarks.md).
+    # Decode through the model's portrait refiner. Off by default: on the 2-core CPU it adds about 17 ms per frame on
+    # the model's one thread, and a live window then takes longer than it lasts (docs/benchmarks.md).
     refine: bool = False
 
     def resolve(self, model: ModelConfig) -> "StreamConfig":
@@ -61,6 +61,8 @@ class StreamConfig:
             problems.append("strength must be in (0, 1]")
         if cfg.max_batch < 1:
             problems.append("max_batch must be at least 1")
+        if cfg.refine and not model.portrait_refiner_channels:
+            problems.append("refine needs a model with a portrait refiner")
         if cfg.max_buffered_audio_s <= 0 or (cfg.max_audio_backlog_s is not None and cfg.max_audio_backlog_s < 0):
             problems.append("audio buffer bounds must be positive")
         if cfg.max_lead_windows <= 0 or cfg.max_consumer_lag_frames < 0:

@@ -274,7 +274,7 @@ def test_a_new_portrait_refiner_starts_as_the_autoencoders_decoder(tiny_pipe, po
     assert np.array_equal(render(refined, portrait, seed=5), render(tiny_pipe, portrait, seed=5))
 
 
-def test_portrait_refiner_decodes_with_each_frames_own_portrait(portrait_refiner_pipe, portrait):
+def test_portrait_refiner_decodes_with_each_frames_own_portrait(portrait_refiner_pipe, tiny_pipe, portrait):
     pipe = portrait_refiner_pipe
     mine, other = pipe.prepare_reference(portrait), pipe.prepare_reference(255 - portrait)
     assert [f.shape[1] for f in mine.refiner] == list(pipe.config.portrait_refiner_channels)
@@ -286,6 +286,11 @@ def test_portrait_refiner_decodes_with_each_frames_own_portrait(portrait_refiner
     assert np.abs(mixed[1].astype(int) - with_other[1]).max() <= 1
     with pytest.raises(ValueError, match="one reference per latent"):
         pipe.decode(latents, [mine, other, mine])
+    with pytest.raises(ValueError, match="pass its ReferenceCache"):
+        pipe.decode(latents)
+    assert np.array_equal(pipe.decode(latents, refine=False), tiny_pipe.decode(latents))
+    with pytest.raises(EmoteError, match="no portrait-refiner features"):  # a cache from a model without one
+        pipe.decode(latents, tiny_pipe.prepare_reference(portrait))
 
 
 def test_portrait_refiner_model_saves_loads_and_caches_exactly(portrait_refiner_pipe, tiny_pipe, portrait, tmp_path):
@@ -294,7 +299,9 @@ def test_portrait_refiner_model_saves_loads_and_caches_exactly(portrait_refiner_
     assert (tmp_path / "model" / "portrait_refiner" / "config.json").is_file()
     loaded = AvatarPipeline.from_pretrained(tmp_path / "model")
     assert loaded.config.portrait_refiner_channels == pipe.config.portrait_refiner_channels
-    assert loaded.model_id == pipe.model_id != tiny_pipe.model_id  # a cache holds the decoder's features too
+    assert loaded.model_id == pipe.model_id != tiny_pipe.model_id
+    # a cache holds the refiner's features, so its weights are part of the id
+    assert with_portrait_refiner(tiny_pipe, seed=6).model_id != pipe.model_id
     frames = render(pipe, portrait, seed=5)
     assert not np.array_equal(frames, render(tiny_pipe, portrait, seed=5))
     assert np.array_equal(frames, render(loaded, portrait, seed=5))

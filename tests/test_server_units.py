@@ -35,6 +35,28 @@ def test_settings_for_aiortc_and_loopback_rules():
         Settings(tls_cert=Path("/x")).validate()
 
 
+def test_serve_refine_reaches_the_streaming_engine(tiny_pipe, tiny_model_dir, tmp_path):
+    """`emote serve --refine` decodes live frames through the model's portrait refiner, and needs a model with one;
+    without the flag live frames skip it."""
+    import argparse
+
+    from conftest import with_portrait_refiner
+    from server.serve import build_app, register, settings_from_args
+
+    with_portrait_refiner(tiny_pipe).save_pretrained(tmp_path / "refined")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def app_for(*argv: str, model) -> object:
+        args = parser.parse_args(["serve", *argv, "--model", str(model), "--data-dir", str(tmp_path / "data")])
+        return build_app(settings_from_args(args))
+
+    assert app_for(model=tmp_path / "refined").state.engine.config.refine is False
+    assert app_for("--refine", model=tmp_path / "refined").state.engine.config.refine is True
+    with pytest.raises(EmoteError, match="refine needs a model with a portrait refiner"):
+        app_for("--refine", model=tiny_model_dir)
+
+
 def test_json_logs_carry_extra_fields_and_hide_tokens():
     record = logging.LogRecord("emote.sessions", logging.INFO, __file__, 1, "session %s opened", ("abc",), None)
     record.session = "abc"

@@ -255,7 +255,8 @@ async def test_two_sessions_batched_equal_each_alone(model):
     for label, seeds in (("a", [1]), ("b", [2]), ("ab", [1, 2])):
         clock = FakeClock()
         recorders[label] = SimulatedPipeline(model(), record=100)
-        results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock, refine=True))
+        refine = model is tiny_with_portrait_refiner
+        results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock, refine=refine))
     assert any(size == 2 for size, _ in recorders["ab"].calls)  # they really shared backbone calls
     for seed, alone in ((1, results["a"][1]), (2, results["b"][2])):
         together = results["ab"][seed]
@@ -278,6 +279,8 @@ async def test_live_sessions_skip_the_portrait_refiner_unless_configured():
         frames[label] = np.stack([f.image for f in out[1]])
     assert np.array_equal(frames["plain"], frames["skipped"])
     assert not np.array_equal(frames["plain"], frames["refined"])
+    with pytest.raises(EmoteError, match="refine needs a model with a portrait refiner"):
+        StreamConfig(refine=True).resolve(tiny().config)
 
 
 async def test_a_shared_noise_model_draws_every_window_of_a_session_from_its_first_windows_seed():

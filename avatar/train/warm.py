@@ -173,4 +173,5 @@ class WarmRefinerObjective(WarmStartObjective):
         refined = self.portrait_refiner(denoised, decoded, reference[0].repeat_interleave(frames, 0), features).float()
         truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(refined.device)
         error = refined - truth
-        return weighted_mean(error.abs() + error.square(), lip_weights(batch["face_box"][:, m:], res).flatten(0, 1))
+        weights = lip_weights(batch["face_box"][:, m:], res).flatten(0, 1).to(refined.device)
+        return weighted_mean(error.abs() + error.square(), weights)
