@@ -264,6 +264,15 @@ class PipelineModules(nn.Module):
             motion=cond.motion, audio=audio, speed=cond.speed, face_mask=cond.face_mask,
         )
 
+    def refine_frames(self, latents: torch.Tensor, decoded: torch.Tensor, portrait: torch.Tensor,
+                      portrait_latent: torch.Tensor, portrait_decoded: torch.Tensor) -> torch.Tensor:
+        """The PortraitRefiner over (B*F) frames' latents and decodings, each window's F frames refined with its
+        own portrait: (B, 3, R, R) image, its latent and its decoding."""
+        frames = len(latents) // len(portrait)
+        features = [f.repeat_interleave(frames, 0)
+                    for f in self.portrait_refiner.portrait_features(portrait, portrait_decoded)]
+        return self.portrait_refiner(latents, decoded, portrait_latent.repeat_interleave(frames, 0), features).float()
+
     def window_lip_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         """Loss weights for the target latents x0 (B, F, C, h, w) of a window: the frames after the motion frames."""
         return lip_weights(batch["face_box"][:, self.cfg.motion_frames :], x0.shape[-1]).to(x0.device)
@@ -393,15 +402,12 @@ class VaeObjective(PipelineModules):
     def decode_with_portrait(self, truth: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """(B*F, 3, R, R) true frames, (B, 3, R, R) their windows' reference frames -> the PortraitRefiner's
         reconstructions of the true frames, from the frozen autoencoder's latents and decodings."""
-        frames = len(truth) // len(reference)
         with torch.no_grad():
             images = torch.cat([truth, reference]).to(next(self.vae.parameters()).dtype)
             latents = vae_ops.encode(self.vae, images)
             decoded = vae_ops.decode(self.vae, latents)
-        refiner = self.portrait_refiner
         n = len(truth)
-        features = [f.repeat_interleave(frames, 0) for f in refiner.portrait_features(reference, decoded[n:])]
-        return refiner(latents[:n], decoded[:n], latents[n:].repeat_interleave(frames, 0), features).float()
+        return self.refine_frames(latents[:n], decoded[:n], reference, latents[n:], decoded[n:])
 
 
 class AudioObjective(PipelineModules):

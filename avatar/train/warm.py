@@ -51,6 +51,8 @@ EXPERT_LOSS_WEIGHT = 0.1
 
 
 class WarmStartObjective(PipelineModules):
+    uses_expert = True  # the mouth expert of the sync loss, trained alongside
+
     def __init__(self, pipe, stage: str = "warm", frozen: tuple[str, ...] = (), expert_warmup: int = 0,
                  expert: MouthExpert | None = None):
         super().__init__(pipe, stage, frozen)
@@ -66,7 +68,8 @@ class WarmStartObjective(PipelineModules):
         first_step = fresh_scheduler(pipe.scheduler, cfg.default_steps, strength=cfg.strength).timesteps[0]
         self.start_timestep = int(first_step)
         self.mouth_columns = list(MOUTH_COLUMNS)
-        self.add_expert(expert, expert_warmup)
+        if self.uses_expert:
+            self.add_expert(expert, expert_warmup)
 
     def fast_parameters(self) -> list[torch.nn.Parameter]:
         return super().fast_parameters() + (list(self.expert.parameters()) if self.expert is not None else [])
@@ -149,9 +152,10 @@ class WarmRefinerObjective(WarmStartObjective):
     as the `warm` stage builds them, no gradient), against the true frames; the student stays as it is. The `refiner`
     stage fits it on the autoencoder's latents of true frames, which the student's only resemble."""
 
+    uses_expert = False  # no sync loss: the student does not train
+
     def __init__(self, pipe, stage: str = "warm-refiner", frozen: tuple[str, ...] = ()):
         super().__init__(pipe, stage, frozen)
-        self.expert = None  # no sync loss: the student does not train
         if self.portrait_refiner is None:
             raise EmoteError("stage warm-refiner trains the model's portrait refiner: train one with --stage refiner")
 
@@ -167,10 +171,7 @@ class WarmRefinerObjective(WarmStartObjective):
             decoded = vae_ops.decode(self.vae, denoised.to(dtype))
             portrait = images_from_uint8(batch["reference"], res).to(decoded.device)
             portrait_decoded = vae_ops.decode(self.vae, reference[0].to(dtype))
-        frames = x0.shape[1]
-        features = [f.repeat_interleave(frames, 0)
-                    for f in self.portrait_refiner.portrait_features(portrait, portrait_decoded)]
-        refined = self.portrait_refiner(denoised, decoded, reference[0].repeat_interleave(frames, 0), features).float()
+        refined = self.refine_frames(denoised, decoded, portrait, reference[0], portrait_decoded)
         truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(refined.device)
         error = refined - truth
         weights = lip_weights(batch["face_box"][:, m:], res).flatten(0, 1).to(refined.device)
