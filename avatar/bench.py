@@ -63,11 +63,11 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0,
 
     one_step_s = _timed(lambda: window(1), device, repeats) - motion_s
     latents = window(steps)[0]
-    decode_s = _timed(lambda: pipe.decode(latents, reference), device, repeats)
+    decode_s = _timed(lambda: pipe.decode(latents, reference, audio=contexts), device, repeats)
 
     def full_window() -> None:
         pipe.encode_audio(window_audio)
-        pipe.decode(window(steps)[0], reference)
+        pipe.decode(window(steps)[0], reference, audio=contexts)
 
     window_s = _timed(full_window, device, repeats)
     if device.type == "cuda":

@@ -38,6 +38,8 @@ class ModelConfig:
     # from full resolution down to the latent's, one per VAE level (empty: none). The latents and the autoencoder are
     # unchanged by it, and the stages other than refiner and warm-refiner train on the autoencoder's frames alone.
     portrait_refiner_channels: tuple[int, ...] = ()
+    # The refiner's audio path (channels; 0: none): it then hears each frame's audio context as well.
+    portrait_refiner_audio_channels: int = 0
 
     # Denoising backbone and ReferenceNet share this layout.
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -136,6 +138,10 @@ class ModelConfig:
             or min(self.portrait_refiner_channels) < 1
         ):
             problems.append("portrait_refiner_channels needs one positive width per VAE level, or none")
+        if self.portrait_refiner_audio_channels < 0 or (
+            self.portrait_refiner_audio_channels and not self.portrait_refiner_channels
+        ):
+            problems.append("portrait_refiner_audio_channels must be >= 0, and needs portrait_refiner_channels")
         if self.audio_encoder not in ("mel", "wav2vec2"):
             problems.append(f"unknown audio_encoder {self.audio_encoder!r}")
         if self.sampler not in ("lcm", "ddim"):

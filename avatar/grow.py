@@ -4,7 +4,8 @@ Spatial attention (ReferenceNet self-attention into the backbone, audio cross-at
 that have none: a new SpatialTransformer's output projection is zero-initialised and sits on a residual, so the grown
 model computes exactly what the trained one did until training moves it. So can the backbone's audio locator
 (`ModelConfig.audio_locator_channels`), whose output convolution is zero-initialised, and a PortraitRefiner
-(`ModelConfig.portrait_refiner_channels`), whose correction starts at zero (the `refiner` stage adds one).
+(`ModelConfig.portrait_refiner_channels`), whose correction starts at zero (the `refiner` stage adds one), and the
+refiner's audio path (`ModelConfig.portrait_refiner_audio_channels`), whose input convolutions start at zero.
 """
 from __future__ import annotations
 
@@ -75,5 +76,26 @@ def add_portrait_refiner(pipe: AvatarPipeline, channels: tuple[int, ...] | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         refiner = build_portrait_refiner(cfg)
+    return AvatarPipeline(cfg, pipe.vae, pipe.reference_net, pipe.backbone, pipe.audio_encoder, pipe.scheduler,
+                          device=pipe.device, dtype=pipe.dtype, trained=pipe.trained, portrait_refiner=refiner)
+
+
+def add_refiner_audio(pipe: AvatarPipeline, channels: int, seed: int = 0) -> AvatarPipeline:
+    """`pipe` with an audio path of `channels` channels added to its PortraitRefiner (new weights from `seed`): its
+    input convolutions start at zero, so it refines exactly as before until training moves them."""
+    if pipe.portrait_refiner is None:
+        raise EmoteError("the model has no portrait refiner to add audio to: train one with --stage refiner")
+    if pipe.config.portrait_refiner_audio_channels:
+        raise EmoteError(f"the portrait refiner already hears audio "
+                         f"({pipe.config.portrait_refiner_audio_channels} channels)")
+    if channels < 1:
+        raise EmoteError(f"a refiner's audio path needs at least 1 channel, got {channels}")
+    cfg = pipe.config.replace(portrait_refiner_audio_channels=channels).validate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        refiner = build_portrait_refiner(cfg)
+    missing, unexpected = refiner.load_state_dict(pipe.portrait_refiner.state_dict(), strict=False)
+    if unexpected or not all(name.startswith(("audio_embed.", "audio_inputs.")) for name in missing):
+        raise EmoteError("growing the refiner's audio path changed more than its new weights")
     return AvatarPipeline(cfg, pipe.vae, pipe.reference_net, pipe.backbone, pipe.audio_encoder, pipe.scheduler,
                           device=pipe.device, dtype=pipe.dtype, trained=pipe.trained, portrait_refiner=refiner)

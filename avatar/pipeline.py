@@ -307,10 +307,11 @@ class AvatarPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, references: ReferenceCache | list[ReferenceCache] | None = None,
-               refine: bool = True) -> np.ndarray:
+               refine: bool = True, audio: torch.Tensor | None = None) -> np.ndarray:
         """(N, C, h, w) -> uint8 (N, H, W, 3). `references`: the portrait behind every frame, or a list of N
-        (a batch of several sessions); only a model with a PortraitRefiner needs them. `refine=False` skips the
-        refiner (the autoencoder's frames, as a model without one decodes)."""
+        (a batch of several sessions); only a model with a PortraitRefiner needs them, and `audio`, each frame's
+        audio context (N, tokens, D) as `audio_windows` gives it, only one whose refiner hears audio.
+        `refine=False` skips the refiner (the autoencoder's frames, as a model without one decodes)."""
         latents = latents.to(self.device, self.dtype)
         decoded = vae_ops.decode(self.vae, latents)
         if self.portrait_refiner is None or not refine:
@@ -325,8 +326,14 @@ class AvatarPipeline:
         if any(len(r.refiner) != levels for r in references):
             raise EmoteError("a reference cache has no portrait-refiner features for this model: prepare it again "
                              "with this model's prepare_reference")
-        portrait_latent, features = _refiner_inputs(references, self.device, self.dtype)
-        images = self.portrait_refiner(latents, decoded, portrait_latent, features).clamp(-1, 1)
+        if not self.portrait_refiner.hears_audio:
+            audio = None
+        elif audio is None or len(audio) != len(latents):
+            raise ValueError("this model's refiner hears each frame's audio: pass one audio context per latent")
+        else:
+            audio = audio.to(self.device, self.dtype)
+        portrait_latent, features, face_mask = _refiner_inputs(references, self.device, self.dtype)
+        images = self.portrait_refiner(latents, decoded, portrait_latent, features, audio, face_mask).clamp(-1, 1)
         return vae_ops.to_uint8(images).numpy()
 
     # ---- offline rendering --------------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ class AvatarPipeline:
             )
             latents = self.denoise_windows([window], steps=steps, guidance_scale=guidance_scale, strength=strength)[0]
             motion = latents[f - m :]
-            yield from self.decode(latents[:valid], reference)
+            yield from self.decode(latents[:valid], reference, audio=chunk[:valid])
 
 
 def _warm_start_latent(window: WindowInput, frames: int, source: str) -> torch.Tensor:
@@ -379,14 +386,14 @@ def _warm_start_latent(window: WindowInput, frames: int, source: str) -> torch.T
 
 
 def _refiner_inputs(references: list[ReferenceCache], device: torch.device,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The PortraitRefiner's portrait inputs for a batch: batch 1 if every frame has the same portrait (the common
-    case, no copies), else one row per frame."""
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The PortraitRefiner's portrait inputs for a batch (latent, pyramid, face mask): batch 1 if every frame has the
+    same portrait (the common case, no copies), else one row per frame."""
     if all(r is references[0] for r in references):
         references = references[:1]
     latent = torch.cat([r.latent for r in references]).to(device, dtype)
     features = [torch.cat(level).to(device, dtype) for level in zip(*(r.refiner for r in references))]
-    return latent, features
+    return latent, features, torch.cat([r.face_mask for r in references]).to(device, dtype)
 
 
 def expected_component_configs(path: str | Path) -> dict[str, dict]:

@@ -360,7 +360,8 @@ class StreamingEngine:
         t1 = self.clock.now()
         b, f = latents.shape[:2]
         references = [w.reference for w in inputs for _ in range(f)]
-        images = self.pipeline.decode(latents.flatten(0, 1), references, refine=self.config.refine)
+        audio = torch.cat([w.audio for w in inputs]) if self.config.refine else None  # what a refiner may hear
+        images = self.pipeline.decode(latents.flatten(0, 1), references, refine=self.config.refine, audio=audio)
         images = images.reshape(b, f, *images.shape[1:])
         return images, latents.cpu(), t1 - t0, self.clock.now() - t1
 

@@ -45,9 +45,9 @@ class SimulatedPipeline:
             self.latents.append((w.seed, latents.clone()))
         return out
 
-    def decode(self, latents, references, refine=True):
+    def decode(self, latents, references, refine=True, audio=None):
         self._owed[1] += self.decode_seconds_per_frame * latents.shape[0]
-        return self.inner.decode(latents, references, refine=refine)
+        return self.inner.decode(latents, references, refine=refine, audio=audio)
 
 
 class StubPipeline(SimulatedPipeline):
@@ -63,7 +63,7 @@ class StubPipeline(SimulatedPipeline):
         self._record(windows, steps or self.inner.default_steps)
         return out
 
-    def decode(self, latents, references, refine=True):
+    def decode(self, latents, references, refine=True, audio=None):
         self._owed[1] += self.decode_seconds_per_frame * latents.shape[0]
         r = self.inner.config.resolution
         values = (latents[:, 0, 0, 0].numpy() % 256).astype(np.uint8)

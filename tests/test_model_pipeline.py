@@ -324,6 +324,47 @@ def test_portrait_refiner_widths_are_validated(tiny_pipe):
                        tiny_pipe.backbone, tiny_pipe.audio_encoder, tiny_pipe.scheduler)
 
 
+def test_refiner_audio_path_starts_as_the_refiner_then_hears_each_frames_audio(portrait_refiner_pipe, portrait,
+                                                                               tmp_path):
+    from avatar.grow import add_refiner_audio
+    from conftest import speech_like
+
+    pipe = portrait_refiner_pipe
+    grown = add_refiner_audio(pipe, 4, seed=1)
+    assert grown.config.portrait_refiner_audio_channels == 4
+    assert np.array_equal(render(grown, portrait, seed=5), render(pipe, portrait, seed=5))  # zero input weights
+    heard = add_refiner_audio(pipe, 4, seed=1)
+    with torch.no_grad():  # as training moves them
+        generator = torch.Generator().manual_seed(0)
+        for conv in heard.portrait_refiner.audio_inputs.values():
+            conv.weight.copy_(0.5 * torch.randn(conv.weight.shape, generator=generator))
+    assert heard.model_id not in (pipe.model_id, grown.model_id)
+    reference = heard.prepare_reference(portrait)
+    contexts = heard.audio_windows(heard.encode_audio(speech_like(0.4)))
+    latents = torch.randn(len(contexts), *reference.latent.shape[1:], generator=torch.Generator().manual_seed(0))
+    speech, silence = heard.decode(latents, reference, audio=contexts), heard.decode(latents, reference,
+                                                                                    audio=torch.zeros_like(contexts))
+    assert np.abs(speech.astype(int) - silence.astype(int)).max() >= 3  # (around the lips only)
+    one = heard.decode(latents[3:4], reference, audio=contexts[3:4])  # each frame hears its own audio only
+    assert np.abs(one[0].astype(int) - speech[3]).max() <= 1
+    with pytest.raises(ValueError, match="audio context per latent"):
+        heard.decode(latents, reference)
+    with pytest.raises(ValueError, match="audio context per latent"):
+        heard.decode(latents, reference, audio=contexts[:2])
+    assert np.array_equal(pipe.decode(latents, pipe.prepare_reference(portrait), audio=contexts),
+                          pipe.decode(latents, pipe.prepare_reference(portrait)))  # a refiner without audio ignores it
+    heard.save_pretrained(tmp_path / "heard")
+    loaded = AvatarPipeline.from_pretrained(tmp_path / "heard")
+    assert loaded.model_id == heard.model_id
+    assert np.array_equal(render(loaded, portrait, seed=5), render(heard, portrait, seed=5))
+    with pytest.raises(EmoteError, match="already hears audio"):
+        add_refiner_audio(heard, 4)
+    with pytest.raises(EmoteError, match="no portrait refiner"):
+        add_refiner_audio(AvatarPipeline.from_config("tiny", seed=0), 4)
+    with pytest.raises(EmoteError, match="needs portrait_refiner_channels"):
+        pipe.config.replace(portrait_refiner_channels=(), portrait_refiner_audio_channels=4).validate()
+
+
 def test_checkpoint_directory_layout(tiny_model_dir):
     index = json.loads((tiny_model_dir / "model_index.json").read_text())
     assert index["components"]["backbone"] == "EmoBackbone"

@@ -247,15 +247,27 @@ def tiny_with_portrait_refiner() -> AvatarPipeline:
     return with_portrait_refiner(tiny(), seed=3)
 
 
-@pytest.mark.parametrize("model", [tiny, tiny_with_portrait_refiner])
+@functools.cache
+def tiny_with_refiner_that_hears() -> AvatarPipeline:
+    from avatar.grow import add_refiner_audio
+
+    heard = add_refiner_audio(tiny_with_portrait_refiner(), 4, seed=3)
+    with torch.no_grad():  # as training moves its zero-initialised input weights
+        generator = torch.Generator().manual_seed(0)
+        for conv in heard.portrait_refiner.audio_inputs.values():
+            conv.weight.copy_(0.5 * torch.randn(conv.weight.shape, generator=generator))
+    return heard
+
+
+@pytest.mark.parametrize("model", [tiny, tiny_with_portrait_refiner, tiny_with_refiner_that_hears])
 async def test_two_sessions_batched_equal_each_alone(model):
     """Also with a PortraitRefiner (`StreamConfig.refine`): each frame of a batch is refined with its own session's
-    portrait."""
+    portrait, and, with a refiner that hears audio, its own audio."""
     results, recorders = {}, {}
     for label, seeds in (("a", [1]), ("b", [2]), ("ab", [1, 2])):
         clock = FakeClock()
         recorders[label] = SimulatedPipeline(model(), record=100)
-        refine = model is tiny_with_portrait_refiner
+        refine = model is not tiny
         results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock, refine=refine))
     assert any(size == 2 for size, _ in recorders["ab"].calls)  # they really shared backbone calls
     for seed, alone in ((1, results["a"][1]), (2, results["b"][2])):

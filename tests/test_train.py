@@ -3,6 +3,7 @@ the distilled student loads and renders, and the CLI rejects bad input with exit
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -560,6 +561,10 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
          "--refiner-channels", "8,8"],
         ["train", "--stage", "decoder", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
          "--refiner-channels", "8,8,8"],
+        ["train", "--stage", "refiner", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--refiner-audio-channels", "8"],
+        ["train", "--stage", "warm-refiner", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--refiner-audio-channels", "8"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--steps", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--lr", "-1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "nope"],
@@ -668,6 +673,40 @@ def test_warm_refiner_stage_fits_the_refiner_to_what_the_student_draws(corpus, t
     before, after, changed = overfit(build_objective("warm-refiner", pipe), corpus, tmp_path, steps=30, lr=3e-3)
     assert after < 0.7 * before, (before, after)
     assert changed and all(n.startswith("portrait_refiner.") for n in changed)
+
+
+def test_warm_refiner_stage_grows_an_audio_path_and_trains_it_with_the_lip_reading_term(corpus, tmp_path):
+    """The audio path and the lip reader train with the refiner; the exported model hears audio, keeps everything else
+    and carries the lip reader; a refiner that hears audio cannot go back to the single-frame `refiner` stage."""
+    from avatar.checkpoint import load_training_module
+    from avatar.grow import add_portrait_refiner, add_refiner_audio
+    from avatar.train.lipsync import LIP_READER_MODULE, MouthExpert
+
+    pipe = add_refiner_audio(add_portrait_refiner(tiny_student(), seed=0), 4, seed=0)
+    objective = build_objective("warm-refiner", pipe, lip_reading_weight=0.5)
+    before, after, changed = overfit(objective, corpus, tmp_path / "fit", steps=30, lr=3e-3)
+    assert after < 0.8 * before, (before, after)
+    assert any(n.startswith("portrait_refiner.audio_inputs.") for n in changed)
+    assert any(n.startswith("expert.") for n in changed)
+    assert all(n.startswith(("portrait_refiner.", "expert.")) for n in changed)
+    with pytest.raises(EmoteError, match="warm-refiner"):
+        build_objective("refiner", pipe)
+
+    student = add_portrait_refiner(tiny_student(), seed=0)
+    student.save_pretrained(tmp_path / "student")
+    settings = LoopSettings(out=tmp_path / "run", steps=2, batch_size=2, lr=1e-3, save_every=10**6, progress=False)
+    exported = AvatarPipeline.from_pretrained(train_stage(
+        "warm-refiner", corpus, settings, init=tmp_path / "student", limit_windows=2, lip_reading_weight=0.1,
+        refiner_audio_channels=4).model_dir)
+    assert exported.config == student.config.replace(portrait_refiner_audio_channels=4)
+    assert exported.portrait_refiner.hears_audio
+    assert load_training_module(settings.out / "model", LIP_READER_MODULE, MouthExpert) is not None
+    for name in ("vae", "reference_net", "backbone", "audio_encoder"):
+        a, b = getattr(student, name).state_dict(), getattr(exported, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(EmoteError, match="refiner_audio_channels 4 now None"):  # a resume that would not grow it
+        train_stage("warm-refiner", corpus, replace(settings, steps=3, resume=True), init=tmp_path / "student",
+                    limit_windows=2, lip_reading_weight=0.1)
 
 
 def test_cli_train_writes_a_loadable_model(corpus, tmp_path, capsys):

@@ -127,9 +127,10 @@ def vae_ceiling(model_dir: str, clips: list[EvalClip]) -> dict:
     oracles = [OracleView.of(clip, int(pipe.resolution)) for clip in clips]
     decoded = []
     with torch.no_grad():
-        for oracle in oracles:
+        for oracle, clip in zip(oracles, clips):
             latents = vae_ops.encode(pipe.vae, vae_ops.from_uint8(torch.from_numpy(oracle.frames)))
-            decoded.append(pipe.decode(latents, pipe.prepare_reference(oracle.neutral)))
+            audio = pipe.audio_windows(pipe.encode_audio(clip.spec.audio, SAMPLE_RATE))[: len(latents)]
+            decoded.append(pipe.decode(latents, pipe.prepare_reference(oracle.neutral), audio=audio))
     result = score_clips(decoded, oracles, clips)
     result.update(label="VAE only (oracle frames)", model=model_dir, steps=0, guidance=0.0, sampler="-",
                   resolution=int(pipe.resolution), cpu_fps=None, drift=None)

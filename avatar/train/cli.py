@@ -58,15 +58,18 @@ def register(subparsers) -> None:
     train.add_argument("--expert-warmup", type=int, default=0, metavar="STEPS",
                        help="stage warm: train the mouth expert alone for the first STEPS steps (the student waits), "
                             "so that a run from a model, with a new expert, moves the student once its sync loss "
-                            "reads something; stages vae, decoder and refiner: their lip reader alone (the "
-                            "decoder waits)")
+                            "reads something; stages vae, decoder, refiner and warm-refiner: their lip reader "
+                            "alone (the network waits)")
     train.add_argument("--lip-reading-weight", type=float, default=0.0, metavar="W",
-                       help="stages vae, decoder and refiner: add W x a lip-reading term: a mouth expert, trained "
-                            "alongside on the true frames, must read the reconstructed mouths as it reads the true "
-                            "ones (0: none)")
+                       help="stages vae, decoder, refiner and warm-refiner: add W x a lip-reading term: a mouth "
+                            "expert, trained alongside on the true frames, must read the drawn mouths as it reads "
+                            "the true ones (0: none)")
     train.add_argument("--refiner-channels", type=_widths, default=None, metavar="W0,W1,...",
                        help="stage refiner, on a model without a portrait refiner: its widths, full resolution "
                             "first, one per autoencoder level (default: 16, 24, 32, then 32 per further level)")
+    train.add_argument("--refiner-audio-channels", type=int, default=0, metavar="CHANNELS",
+                       help="stage warm-refiner: add an audio path of this many channels to the --init model's "
+                            "portrait refiner, which then hears each frame's audio; it starts as the identity")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -148,7 +151,8 @@ def run_train(args: argparse.Namespace) -> int:
                         grow_attention_levels=tuple(args.grow_attention), warm_start=args.warm_start,
                         grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup,
                         lip_reading_weight=args.lip_reading_weight,
-                        portrait_refiner_channels=args.refiner_channels))
+                        portrait_refiner_channels=args.refiner_channels,
+                        refiner_audio_channels=args.refiner_audio_channels))
     return 0
 
 

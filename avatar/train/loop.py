@@ -406,24 +406,27 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
                 preset: str = "default", limit_windows: int | None = None, frozen: tuple[str, ...] = (),
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
                 grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0,
-                portrait_refiner_channels: tuple[int, ...] | None = None) -> LoopResult:
+                portrait_refiner_channels: tuple[int, ...] | None = None,
+                refiner_audio_channels: int = 0) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `refiner`, `audio`, `1`, `2`, `3`), or `warm` or `warm-refiner` on a
     distilled student, starting from `init` (a model directory) or a fresh `preset`; the components in `frozen` keep
     their weights; `grow_attention_levels` adds spatial attention at those UNet levels of `init` first,
     `grow_audio_locator` an audio locator of that many channels (avatar/grow.py). Stage `refiner` adds a
     PortraitRefiner of widths `portrait_refiner_channels` (default: `grow.default_refiner_channels`) to an `init`
-    without one. Stage outputs are teachers (DDIM); `warm`, `refiner` and `warm-refiner` keep the `init` model's
-    sampler, and `warm_start` sets what `warm`'s windows start from (`ModelConfig.warm_start`); it continues the mouth
-    expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise), stores it with each
-    export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0 adds stages vae,
-    decoder and refiner's lip-reading term, whose expert (LIP_READER_MODULE) is kept the same way. Every run exports
-    the experts of `init` that it does not train, unchanged."""
+    without one; stage `warm-refiner` adds an audio path of `refiner_audio_channels` to a refiner without one
+    (`grow.add_refiner_audio`). Stage outputs are teachers (DDIM); `warm`, `refiner` and `warm-refiner` keep the
+    `init` model's sampler, and `warm_start` sets what `warm`'s windows start from (`ModelConfig.warm_start`); it
+    continues the mouth expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise),
+    stores it with each export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0
+    adds the lip-reading term (stages vae, decoder, refiner and warm-refiner), whose expert (LIP_READER_MODULE) is
+    kept the same way. Every run exports the experts of `init` that it does not train, unchanged."""
     from avatar.checkpoint import load_training_module
-    from avatar.grow import add_portrait_refiner, grow_attention, grow_audio_locator as add_audio_locator
+    from avatar.grow import add_portrait_refiner, add_refiner_audio, grow_attention
+    from avatar.grow import grow_audio_locator as add_audio_locator
     from avatar.pipeline import AvatarPipeline
 
     from .lipsync import EXPERT_MODULE, LIP_READER_MODULE, MouthExpert
-    from .stages import AUTOENCODER_STAGES, CONTINUING_STAGES, build_objective
+    from .stages import CONTINUING_STAGES, LIP_READING_STAGES, build_objective
 
     if stage in CONTINUING_STAGES and init is None:
         raise EmoteError(f"stage {stage} continues a trained model: pass --init DIR (the previous stage's output)")
@@ -431,15 +434,17 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--warm-start applies to --stage warm only")
     if not 0 <= lip_reading_weight <= 100:  # also refuses nan
         raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {lip_reading_weight}")
-    if lip_reading_weight > 0 and stage not in AUTOENCODER_STAGES:
-        raise EmoteError("--lip-reading-weight applies to --stage vae, decoder and refiner only")
+    if lip_reading_weight > 0 and stage not in LIP_READING_STAGES:
+        raise EmoteError("--lip-reading-weight applies to --stage vae, decoder, refiner and warm-refiner only")
     if portrait_refiner_channels is not None and stage != "refiner":
         raise EmoteError("--refiner-channels applies to --stage refiner only")
-    if lip_reading_weight > 0 and stage != "refiner" and "vae" in frozen:
+    if refiner_audio_channels and stage != "warm-refiner":
+        raise EmoteError("--refiner-audio-channels applies to --stage warm-refiner only")
+    if lip_reading_weight > 0 and stage in ("vae", "decoder") and "vae" in frozen:
         raise EmoteError("--lip-reading-weight trains the autoencoder, which --freeze vae keeps fixed")
     expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight > 0 else None
     if expert_warmup and expert_module is None:
-        raise EmoteError("--expert-warmup applies to --stage warm, or vae, decoder and refiner with "
+        raise EmoteError("--expert-warmup applies to --stage warm, or vae, decoder, refiner and warm-refiner with "
                          "--lip-reading-weight")
     init_dir = resolve_model_dir(init) if init is not None else None
     if init_dir is not None:
@@ -458,6 +463,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         pipe = add_portrait_refiner(pipe, portrait_refiner_channels, seed=settings.seed)
     elif portrait_refiner_channels is not None:
         raise EmoteError("--refiner-channels: the --init model has a portrait refiner already")
+    if refiner_audio_channels:
+        pipe = add_refiner_audio(pipe, refiner_audio_channels, seed=settings.seed)
     if stage not in ("warm", "refiner", "warm-refiner"):  # the portrait refiner changes no sampling
         as_teacher(pipe)
     if warm_start is not None:
@@ -475,13 +482,16 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
                                 lip_reading_weight=lip_reading_weight)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers)
-    # what the warm stage and the lip-reading term train for is in no weight: a resume in another mode would train on
-    # silently
+    # what the warm stage and the lip-reading term train for is in no weight, nor what a resume grows: a resume in
+    # another mode would train on silently, or fail to load the state
     if stage == "warm":
         objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
                                   expert_warmup=expert_warmup)
-    elif lip_reading_weight > 0:  # (a state from before the option stored none, and resumes as a plain run)
+    elif lip_reading_weight > 0 or refiner_audio_channels:  # (a state from before the options stored none, and
+        # resumes as a plain run)
         objective_settings = dict(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)
+        if refiner_audio_channels:
+            objective_settings["refiner_audio_channels"] = refiner_audio_channels
     else:
         objective_settings = None
     export_model = partial(pipe.save_pretrained,

@@ -39,7 +39,8 @@ from .lipsync import MouthExpert, lip_crops, mouth_error
 
 STAGES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner")
 CONTINUING_STAGES = ("decoder", "refiner", "2", "3", "warm", "warm-refiner")  # the stages that need --init
-AUTOENCODER_STAGES = ("vae", "decoder", "refiner")  # VaeObjective's, which may add the lip-reading term
+AUTOENCODER_STAGES = ("vae", "decoder", "refiner")  # VaeObjective's
+LIP_READING_STAGES = (*AUTOENCODER_STAGES, "warm-refiner")  # the stages that may add the lip-reading term
 # the trainable networks of a pipeline
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder", "portrait_refiner")
 
@@ -50,11 +51,11 @@ DROP_REFERENCE_P = 0.05
 FIRST_WINDOW_P = 0.2
 # Extra frames of audio before the window, so the causal mel encoder sees history as it does at inference.
 AUDIO_HISTORY_FRAMES = 8
-# Layers that start from zero beside trained ones (the audio locator; the warm stage's mouth expert) train at this
-# multiple of --lr. The locator's signal, the mouth's opening, is a small part of any loss (docs/training.md), and at
-# the run's LR it stayed near its zero start: output std 1e-4 after 1,000 warm-stage steps.
+# Layers that start from zero beside trained ones (the audio locator, the refiner's audio path; the warm stage's mouth
+# expert) train at this multiple of --lr. The locator's signal, the mouth's opening, is a small part of any loss
+# (docs/training.md), and at the run's LR it stayed near its zero start: output std 1e-4 after 1,000 warm-stage steps.
 FAST_LR_SCALE = 30.0
-# Stages vae/decoder with a lip-reading term: the mouth expert's LR (the autoencoder's is --lr), and its loss's weight
+# Stages with a lip-reading term: the mouth expert's LR (the autoencoder's is --lr), and its loss's weight
 # (Adam makes the weight matter only where gradients are clipped, which is joint with the autoencoder's). An expert
 # fitted alone on true lip crops at this LR read the mouth's opening at r 0.94 within identity (docs/training.md).
 LIP_READER_LR = 1e-3
@@ -210,8 +211,10 @@ class PipelineModules(nn.Module):
         self.expert_only = step < self.expert_warmup
 
     def fast_parameters(self) -> list[nn.Parameter]:
-        """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them)."""
-        return list(self.backbone.audio_locator.parameters()) if self.backbone.audio_locator is not None else []
+        """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them): the paths that carry the audio
+        to the mouth, which start from zero."""
+        fast = list(self.backbone.audio_locator.parameters()) if self.backbone.audio_locator is not None else []
+        return fast + (self.portrait_refiner.audio_parameters() if self.portrait_refiner is not None else [])
 
     def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
         """`params` (from `set_trainable`) as optimizer parameter groups: `fast_parameters` at FAST_LR_SCALE x `lr`,
@@ -265,13 +268,17 @@ class PipelineModules(nn.Module):
         )
 
     def refine_frames(self, latents: torch.Tensor, decoded: torch.Tensor, portrait: torch.Tensor,
-                      portrait_latent: torch.Tensor, portrait_decoded: torch.Tensor) -> torch.Tensor:
+                      portrait_latent: torch.Tensor, portrait_decoded: torch.Tensor, audio: torch.Tensor | None = None,
+                      face_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The PortraitRefiner over (B*F) frames' latents and decodings, each window's F frames refined with its
-        own portrait: (B, 3, R, R) image, its latent and its decoding."""
+        own portrait: (B, 3, R, R) image, its latent and its decoding; for a refiner that hears audio, the frames'
+        audio contexts (B*F, tokens, D) and each window's face mask (B, 1, R, R)."""
         frames = len(latents) // len(portrait)
         features = [f.repeat_interleave(frames, 0)
                     for f in self.portrait_refiner.portrait_features(portrait, portrait_decoded)]
-        return self.portrait_refiner(latents, decoded, portrait_latent.repeat_interleave(frames, 0), features).float()
+        masks = None if face_mask is None else face_mask.repeat_interleave(frames, 0)
+        return self.portrait_refiner(latents, decoded, portrait_latent.repeat_interleave(frames, 0), features,
+                                     audio, masks).float()
 
     def window_lip_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         """Loss weights for the target latents x0 (B, F, C, h, w) of a window: the frames after the motion frames."""
@@ -324,17 +331,51 @@ class PipelineModules(nn.Module):
         return x0, cond, start
 
 
-class VaeObjective(PipelineModules):
+class LipReadingTerm(PipelineModules):
+    """The lip-reading term, for the objectives that draw frames in pixels (`LIP_READING_STAGES`): a mouth expert
+    (`lipsync.py`) learns the corpus's mouth parameters from the true frames' lip region, and its reading of the drawn
+    frames is pulled to its reading of the true ones. It never trains on a drawn frame, so the network cannot teach it
+    to read its mouths kindly. An L1/L2 loss sees a mouth's opening as a few dark pixels; the term sees nothing else
+    (docs/training.md: it raised the student's lip sync with a decoder trained under it)."""
+
+    lip_reading_weight = 0.0
+
+    def add_lip_reader(self, weight: float, expert: MouthExpert | None, warmup: int) -> None:
+        self.lip_reading_weight = weight
+        if weight > 0:
+            self.add_expert(expert, warmup)
+
+    def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
+        """The expert fits its own task at LIP_READER_LR, whatever LR the network trains at (the warmup and
+        schedule apply to it as to every group, and so does a --resume with another --lr)."""
+        if self.expert is None:
+            return super().optimizer_groups(params, lr)
+        own = list(self.expert.parameters())
+        ids = {id(p) for p in own}
+        rest = [p for p in params if id(p) not in ids]
+        return super().optimizer_groups(rest, lr) + [{"params": own, "lr": LIP_READER_LR}]
+
+    def read_true_lips(self, truth: torch.Tensor, boxes: torch.Tensor,
+                       params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, R, R) true frames, their (N, 4) face boxes and (N, P) corpus parameters -> (the expert's reading of
+        their mouths, the expert's own loss)."""
+        reading = self.expert(lip_crops(truth, boxes))
+        true_mouths = params[..., self.mouth_columns].float().to(truth.device)
+        return reading, LIP_READER_LOSS_WEIGHT * mouth_error(reading, true_mouths)
+
+    def lip_reading(self, drawn: torch.Tensor, boxes: torch.Tensor, true_reading: torch.Tensor) -> torch.Tensor:
+        """The term (unweighted) for (N, 3, R, R) drawn frames against `read_true_lips`'s reading."""
+        drawn_reading = self.expert.frozen_reading(lip_crops(drawn, boxes))
+        # in float32: under bf16 autocast both readings come out of the expert's Linear in bf16
+        return mouth_error(drawn_reading.float(), true_reading.detach().float())
+
+
+class VaeObjective(LipReadingTerm):
     """Stages `vae` and `decoder`: reconstruct corpus frames through the AutoencoderTiny (no latent quantisation),
     L1 + L2 weighted up on the lips like the video stages (the oracle's lip-sync measure lives there). Stage
     `refiner`: the same, through the frozen encoder and the PortraitRefiner, with the window's reference frame
-    (another frame of the clip) as the portrait.
-
-    With `lip_reading_weight` > 0, a lip-reading term: a mouth expert (`lipsync.py`) learns the corpus's mouth
-    parameters from the true frames' lip region, and its reading of the reconstructed frames is pulled to its reading
-    of the true ones. It never trains on a reconstruction, so the autoencoder cannot teach it to read its mouths
-    kindly. The L1/L2 loss sees a mouth's opening as a few dark pixels; the term sees nothing else (docs/training.md:
-    it raised the student's lip sync with a decoder trained under it)."""
+    (another frame of the clip) as the portrait. With `lip_reading_weight` > 0, the lip-reading term
+    (`LipReadingTerm`) on the reconstructions."""
 
     window_frames = 1
     audio_context = 0
@@ -347,31 +388,20 @@ class VaeObjective(PipelineModules):
             self.latent_reg_weight = 0.0  # the encoder is frozen: the term has no gradient
         if stage == "refiner" and self.portrait_refiner is None:
             raise EmoteError("stage refiner needs a model with a portrait refiner (portrait_refiner_channels)")
+        if stage == "refiner" and self.portrait_refiner.hears_audio:
+            raise EmoteError("stage refiner trains on single frames, without audio; this refiner hears audio: "
+                             "train it with --stage warm-refiner")
         if stage != "refiner" and pipe.config.vae_type != "tiny":
             raise EmoteError(f"stage {stage} trains the preset's own AutoencoderTiny; a KL autoencoder comes pretrained")
-        self.lip_reading_weight = lip_reading_weight
-        if lip_reading_weight > 0:
-            self.add_expert(expert, expert_warmup)
         self.mouth_columns = list(MOUTH_COLUMNS)
-
-    def optimizer_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
-        """The expert fits its own task at LIP_READER_LR, whatever LR the autoencoder trains at (the warmup and
-        schedule apply to it as to every group, and so does a --resume with another --lr)."""
-        if self.expert is None:
-            return super().optimizer_groups(params, lr)
-        own = list(self.expert.parameters())
-        ids = {id(p) for p in own}
-        rest = [p for p in params if id(p) not in ids]
-        return super().optimizer_groups(rest, lr) + [{"params": own, "lr": LIP_READER_LR}]
+        self.add_lip_reader(lip_reading_weight, expert, expert_warmup)
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = self.alphas_cumprod.device
         truth = images_from_uint8(batch["frames"].flatten(0, 1), self.cfg.resolution).to(device)
+        boxes = batch["face_box"].flatten(0, 1)
         if self.expert is not None:
-            boxes = batch["face_box"].flatten(0, 1)
-            true_reading = self.expert(lip_crops(truth, boxes))
-            true_mouths = batch["params"][..., self.mouth_columns].flatten(0, 1).float().to(device)
-            expert_loss = LIP_READER_LOSS_WEIGHT * mouth_error(true_reading, true_mouths)
+            true_reading, expert_loss = self.read_true_lips(truth, boxes, batch["params"].flatten(0, 1))
             if self.expert_only:  # --expert-warmup: the autoencoder is not run, so it stays as it is
                 return expert_loss
         reference = images_from_uint8(batch["reference"], self.cfg.resolution).to(device)
@@ -394,9 +424,7 @@ class VaeObjective(PipelineModules):
             loss = loss + self.latent_reg_weight * (lat.mean().square() + (lat.var() - 1).square())
         if self.expert is None:
             return loss
-        recon_reading = self.expert.frozen_reading(lip_crops(recon[: len(truth)], boxes))
-        # in float32: under bf16 autocast both readings come out of the expert's Linear in bf16
-        term = mouth_error(recon_reading.float(), true_reading.detach().float())
+        term = self.lip_reading(recon[: len(truth)], boxes, true_reading)
         return loss + self.lip_reading_weight * term + expert_loss
 
     def decode_with_portrait(self, truth: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -480,8 +508,9 @@ class VideoObjective(PipelineModules):
 def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0,
                     expert: MouthExpert | None = None, lip_reading_weight: float = 0.0) -> PipelineModules:
     """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
-    `lip_reading_weight`: stages vae/decoder's lip-reading term (none at 0); `expert`: the mouth expert that stage
-    warm, or the lip-reading term, starts from (a new one if None); `expert_warmup`: the steps that train it alone."""
+    `lip_reading_weight`: the lip-reading term of `LIP_READING_STAGES` (none at 0); `expert`: the mouth expert that
+    stage warm, or the lip-reading term, starts from (a new one if None); `expert_warmup`: the steps that train it
+    alone."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
@@ -501,5 +530,6 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
     if stage == "warm-refiner":
         from .warm import WarmRefinerObjective
 
-        return WarmRefinerObjective(pipe, stage, frozen)
+        return WarmRefinerObjective(pipe, stage, frozen, lip_reading_weight=lip_reading_weight, expert=expert,
+                                    expert_warmup=expert_warmup)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

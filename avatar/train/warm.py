@@ -33,7 +33,8 @@ from avatar.unet import BackboneConditions
 
 from .distill import consistency_output, pseudo_huber
 from .lipsync import MouthExpert, lip_crops, mouth_error
-from .stages import AUDIO_HISTORY_FRAMES, PipelineModules, face_masks, images_from_uint8, lip_weights, weighted_mean
+from .stages import (AUDIO_HISTORY_FRAMES, LipReadingTerm, PipelineModules, face_masks, images_from_uint8, lip_weights,
+                     weighted_mean)
 
 # The decoded lip region's mean L1 error, added with this weight to the latent loss. A mouth's opening barely moves the
 # 4-channel latent (measured on the fourth run's student: the opening explains ~2 % of its lip-patch latent error, and
@@ -147,20 +148,30 @@ class WarmStartObjective(PipelineModules):
                 + EXPERT_LOSS_WEIGHT * self.expert_loss(batch, x0))
 
 
-class WarmRefinerObjective(WarmStartObjective):
+class WarmRefinerObjective(LipReadingTerm, WarmStartObjective):
     """Stage `warm-refiner`: the student's PortraitRefiner, on the latents the student draws when it samples (built
     as the `warm` stage builds them, no gradient), against the true frames; the student stays as it is. The `refiner`
-    stage fits it on the autoencoder's latents of true frames, which the student's only resemble."""
+    stage fits it on the autoencoder's latents of true frames, which the student's only resemble. A refiner that
+    hears audio hears the window's, as the backbone does. With `lip_reading_weight` > 0, the lip-reading term
+    (`LipReadingTerm`) on the refined frames: the L1/L2 loss alone draws an uncertain mouth as the average one."""
 
     uses_expert = False  # no sync loss: the student does not train
 
-    def __init__(self, pipe, stage: str = "warm-refiner", frozen: tuple[str, ...] = ()):
+    def __init__(self, pipe, stage: str = "warm-refiner", frozen: tuple[str, ...] = (), lip_reading_weight: float = 0.0,
+                 expert: MouthExpert | None = None, expert_warmup: int = 0):
         super().__init__(pipe, stage, frozen)
         if self.portrait_refiner is None:
             raise EmoteError("stage warm-refiner trains the model's portrait refiner: train one with --stage refiner")
+        self.add_lip_reader(lip_reading_weight, expert, expert_warmup)
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         m, res = self.cfg.motion_frames, self.cfg.resolution
+        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(self.alphas_cumprod.device)
+        boxes = batch["face_box"][:, m:].flatten(0, 1)
+        if self.expert is not None:
+            true_reading, expert_loss = self.read_true_lips(truth, boxes, batch["params"][:, m:].flatten(0, 1))
+            if self.expert_only:  # --expert-warmup: the student is not run
+                return expert_loss
         with torch.no_grad():
             reference = self.reference_features(batch)
             noise = self.shared_noise(reference[0], generator)
@@ -171,8 +182,12 @@ class WarmRefinerObjective(WarmStartObjective):
             decoded = vae_ops.decode(self.vae, denoised.to(dtype))
             portrait = images_from_uint8(batch["reference"], res).to(decoded.device)
             portrait_decoded = vae_ops.decode(self.vae, reference[0].to(dtype))
-        refined = self.refine_frames(denoised, decoded, portrait, reference[0], portrait_decoded)
-        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(refined.device)
-        error = refined - truth
+        audio = cond.audio.flatten(0, 1) if self.portrait_refiner.hears_audio else None
+        refined = self.refine_frames(denoised, decoded, portrait, reference[0], portrait_decoded, audio,
+                                     cond.face_mask)
+        error = refined - truth.to(refined.device)
         weights = lip_weights(batch["face_box"][:, m:], res).flatten(0, 1).to(refined.device)
-        return weighted_mean(error.abs() + error.square(), weights)
+        loss = weighted_mean(error.abs() + error.square(), weights)
+        if self.expert is None:
+            return loss
+        return loss + self.lip_reading_weight * self.lip_reading(refined, boxes, true_reading) + expert_loss
