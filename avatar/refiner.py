@@ -137,10 +137,10 @@ class PortraitRefiner(ModelMixin, ConfigMixin):
 
 
 def portrait_refiner_kwargs(cfg: ModelConfig) -> dict:
-    kwargs = dict(latent_channels=cfg.latent_channels, block_out_channels=tuple(cfg.portrait_refiner_channels))
-    if cfg.portrait_refiner_audio_channels:  # (a refiner without audio keeps the config it was saved with)
-        kwargs.update(audio_channels=cfg.portrait_refiner_audio_channels,
-                      audio_dim=cfg.audio_tokens_per_frame * cfg.audio_feature_dim)
+    kwargs = dict(latent_channels=cfg.latent_channels, block_out_channels=tuple(cfg.portrait_refiner_channels),
+                  audio_channels=cfg.portrait_refiner_audio_channels)
+    if cfg.portrait_refiner_audio_channels:  # (a refiner saved before the option has no audio_dim; its default, 0)
+        kwargs["audio_dim"] = cfg.audio_tokens_per_frame * cfg.audio_feature_dim
     return kwargs
 
 

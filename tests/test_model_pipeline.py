@@ -357,6 +357,11 @@ def test_refiner_audio_path_starts_as_the_refiner_then_hears_each_frames_audio(p
     loaded = AvatarPipeline.from_pretrained(tmp_path / "heard")
     assert loaded.model_id == heard.model_id
     assert np.array_equal(render(loaded, portrait, seed=5), render(heard, portrait, seed=5))
+    index = json.loads((tmp_path / "heard" / "model_index.json").read_text())
+    index["model"]["portrait_refiner_audio_channels"] = 0  # an index that disagrees with the refiner's config
+    (tmp_path / "heard" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="audio_channels"):
+        AvatarPipeline.from_pretrained(tmp_path / "heard")
     with pytest.raises(EmoteError, match="already hears audio"):
         add_refiner_audio(heard, 4)
     with pytest.raises(EmoteError, match="no portrait refiner"):

@@ -263,7 +263,8 @@ def run_loop(
             accelerator.load_state(str(state_dir))
         except RuntimeError as exc:  # torch's state-dict mismatch: another architecture or trainable set
             raise EmoteError(f"--resume: the state in {state_dir} does not fit this model; resume with the first "
-                             f"run's --init, --freeze, --grow-attention and --grow-audio-locator "
+                             f"run's --init, --freeze, --grow-attention, --grow-audio-locator and "
+                             f"--refiner-audio-channels "
                              f"({str(exc).splitlines()[0]})") from None
         if accelerator.is_main_process:
             truncate_log(log_path, counter.step)

@@ -212,7 +212,7 @@ class PipelineModules(nn.Module):
 
     def fast_parameters(self) -> list[nn.Parameter]:
         """Parameters that train at FAST_LR_SCALE x the LR (if the stage trains them): the paths that carry the audio
-        to the mouth, which start from zero."""
+        to the mouth, whose output layers start from zero (their embeddings with them)."""
         fast = list(self.backbone.audio_locator.parameters()) if self.backbone.audio_locator is not None else []
         return fast + (self.portrait_refiner.audio_parameters() if self.portrait_refiner is not None else [])
 
