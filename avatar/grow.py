@@ -72,12 +72,7 @@ def add_portrait_refiner(pipe: AvatarPipeline, channels: tuple[int, ...] | None 
     if pipe.portrait_refiner is not None:
         raise EmoteError("the model has a portrait refiner already")
     channels = channels or default_refiner_channels(len(pipe.config.vae_block_out_channels))
-    cfg = pipe.config.replace(portrait_refiner_channels=tuple(channels)).validate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        refiner = build_portrait_refiner(cfg)
-    return AvatarPipeline(cfg, pipe.vae, pipe.reference_net, pipe.backbone, pipe.audio_encoder, pipe.scheduler,
-                          device=pipe.device, dtype=pipe.dtype, trained=pipe.trained, portrait_refiner=refiner)
+    return _with_new_refiner(pipe, pipe.config.replace(portrait_refiner_channels=tuple(channels)), seed)
 
 
 def add_refiner_audio(pipe: AvatarPipeline, channels: int, seed: int = 0) -> AvatarPipeline:
@@ -90,12 +85,19 @@ def add_refiner_audio(pipe: AvatarPipeline, channels: int, seed: int = 0) -> Ava
                          f"({pipe.config.portrait_refiner_audio_channels} channels)")
     if channels < 1:
         raise EmoteError(f"a refiner's audio path needs at least 1 channel, got {channels}")
-    cfg = pipe.config.replace(portrait_refiner_audio_channels=channels).validate()
+    grown = _with_new_refiner(pipe, pipe.config.replace(portrait_refiner_audio_channels=channels), seed)
+    missing, unexpected = grown.portrait_refiner.load_state_dict(pipe.portrait_refiner.state_dict(), strict=False)
+    if unexpected or not all(name.startswith(("audio_embed.", "audio_inputs.")) for name in missing):
+        raise EmoteError("growing the refiner's audio path changed more than its new weights")
+    return grown
+
+
+def _with_new_refiner(pipe: AvatarPipeline, cfg, seed: int) -> AvatarPipeline:
+    """`pipe` with `cfg` and a new PortraitRefiner built to it (weights from `seed`); every other network is
+    `pipe`'s."""
+    cfg = cfg.validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         refiner = build_portrait_refiner(cfg)
-    missing, unexpected = refiner.load_state_dict(pipe.portrait_refiner.state_dict(), strict=False)
-    if unexpected or not all(name.startswith(("audio_embed.", "audio_inputs.")) for name in missing):
-        raise EmoteError("growing the refiner's audio path changed more than its new weights")
     return AvatarPipeline(cfg, pipe.vae, pipe.reference_net, pipe.backbone, pipe.audio_encoder, pipe.scheduler,
                           device=pipe.device, dtype=pipe.dtype, trained=pipe.trained, portrait_refiner=refiner)
