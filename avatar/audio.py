@@ -7,6 +7,7 @@ wait for. `encode` is the offline path; the streaming engine builds its incremen
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,21 @@ class Wav2Vec2AudioEncoder(nn.Module):
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot load wav2vec2 from {path}: {exc}") from exc
         return cls(model.eval(), layers or ())
+
+    @classmethod
+    def randomly_initialised(cls, cfg: ModelConfig) -> "Wav2Vec2AudioEncoder":
+        """wav2vec2 of the size `cfg` expects, with random weights: for benchmarks only."""
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        layers = cfg.wav2vec2_layers or (12,)
+        hidden, remainder = divmod(cfg.audio_feature_dim, len(layers))
+        if remainder:
+            raise CheckpointError(f"audio_feature_dim {cfg.audio_feature_dim} is not {len(layers)} wav2vec2 layers "
+                                  "of one width")
+        config = Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=max(layers), intermediate_size=4 * hidden,
+                                num_attention_heads=max(1, hidden // 64),
+                                num_conv_pos_embedding_groups=math.gcd(16, hidden))
+        return cls(Wav2Vec2Model(config).eval(), layers)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

@@ -38,8 +38,14 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0, strength: float | None = None) -> dict:
+def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0, strength: float | None = None,
+              compile_mode: str | None = None) -> dict:
+    """Times each stage; `compile_mode` wraps the backbone in torch.compile first (the first runs compile it, so
+    they stay out of the timings like any warm-up)."""
     cfg = pipe.config
+    compile_s = 0.0
+    if compile_mode is not None:
+        pipe.backbone = torch.compile(pipe.backbone, mode=compile_mode)
     strength = cfg.strength if strength is None else strength
     device = pipe.device
     f, m = cfg.frames_per_window, cfg.motion_frames
@@ -61,6 +67,11 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0,
         w = WindowInput(reference, contexts, torch.full((f,), cfg.default_speed), motion_latents, window_seed(seed, 0))
         return pipe.denoise_windows([w], steps=steps_, strength=strength)
 
+    if compile_mode is not None:
+        start = time.perf_counter()
+        for _ in range(3):  # compilation, and reduce-overhead's CUDA-graph recording, happen in the first calls
+            window(steps)
+        compile_s = time.perf_counter() - start
     one_step_s = _timed(lambda: window(1), device, repeats) - motion_s
     latents = window(steps)[0]
     decode_s = _timed(lambda: pipe.decode(latents, reference, audio=contexts), device, repeats)
@@ -84,6 +95,8 @@ def run_bench(pipe: AvatarPipeline, steps: int, repeats: int = 5, seed: int = 0,
         "frames_per_window": f,
         "motion_frames": m,
         "threads": torch.get_num_threads(),
+        "compile": compile_mode,
+        **({"compile_s": round(compile_s, 1)} if compile_mode is not None else {}),
         "ms_per_frame": {
             "audio_encode": 1000 * audio_s / f,
             "motion_reference": 1000 * motion_s / f,

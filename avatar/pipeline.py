@@ -20,7 +20,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from . import vae as vae_ops
-from .audio import MelAudioEncoder, mel_encoder_kwargs, window_features
+from .audio import MelAudioEncoder, Wav2Vec2AudioEncoder, mel_encoder_kwargs, window_features
 from .checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from .config import AUDIO_SAMPLE_RATE, ModelConfig, get_preset
 from .errors import EmoteError
@@ -88,11 +88,13 @@ class AvatarPipeline:
     # ---- construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: ModelConfig | str, seed: int = 0, device: str = "cpu", **kwargs) -> "AvatarPipeline":
-        """Randomly initialised weights (seeded) for a preset or config."""
+    def from_config(cls, config: ModelConfig | str, seed: int = 0, device: str = "cpu", random_wav2vec2: bool = False,
+                    **kwargs) -> "AvatarPipeline":
+        """Randomly initialised weights (seeded) for a preset or config. A wav2vec2 preset needs
+        `random_wav2vec2=True`, which is only good for timing: a random wav2vec2 hears nothing."""
         _check_device(device)
         cfg = get_preset(config) if isinstance(config, str) else config.validate()
-        if cfg.audio_encoder != "mel":
+        if cfg.audio_encoder != "mel" and not random_wav2vec2:
             raise EmoteError("a randomly initialised model needs the mel audio encoder; load wav2vec2 from a directory")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -105,7 +107,8 @@ class AvatarPipeline:
             vae=build_vae(cfg),
             reference_net=ReferenceNet(**reference_net_kwargs(cfg)),
             backbone=EmoBackbone(**backbone_kwargs(cfg)),
-            audio_encoder=MelAudioEncoder(**mel_encoder_kwargs(cfg)),
+            audio_encoder=(MelAudioEncoder(**mel_encoder_kwargs(cfg)) if cfg.audio_encoder == "mel"
+                           else Wav2Vec2AudioEncoder.randomly_initialised(cfg)),
             scheduler=build_scheduler(cfg),
             portrait_refiner=build_portrait_refiner(cfg),
         )

@@ -29,6 +29,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_streaming
     from .config import StreamConfig
 
+    if args.compile is not None:
+        raise EmoteError("--compile times the model alone; the live engine runs it eagerly (drop --streaming)")
     if not 1 <= args.sessions <= MAX_SESSIONS:
         raise EmoteError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {args.sessions}")
     if not 0 < args.seconds <= 3600:

@@ -162,6 +162,27 @@ def test_bench_prints_stage_timings_as_json(capsys):
     assert set(result["params"]) == {"vae", "reference_net", "backbone", "audio_encoder"}
 
 
+def test_bench_compile_wraps_the_backbone(capsys, monkeypatch):
+    """The plumbing of --compile; torch.compile itself is stood in for (inductor takes a minute on this CPU)."""
+    import torch
+
+    modes = []
+
+    def fake_compile(module, mode=None):
+        modes.append((type(module).__name__, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    code, out, err = run_cli(["bench", "--preset", "tiny", "--steps", "1", "--repeats", "1", "--compile",
+                              "reduce-overhead", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert modes == [("EmoBackbone", "reduce-overhead")]
+    assert result["compile"] == "reduce-overhead" and result["compile_s"] >= 0
+    code, _, err = run_cli(["bench", "--preset", "tiny", "--compile", "fast"], capsys)
+    assert code == 2 and "--compile" in err
+
+
 def test_bench_bad_preset_and_missing_gpu(capsys):
     code, _, err = run_cli(["bench", "--preset", "huge"], capsys)
     assert code == 2 and "unknown preset 'huge'" in err

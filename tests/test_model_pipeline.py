@@ -454,6 +454,18 @@ def test_wav2vec2_model_saves_loads_and_renders(tmp_path, portrait):
     assert a.shape == (12, 32, 32, 3) and np.array_equal(a, b)
 
 
+def test_wav2vec2_preset_gets_random_weights_only_when_asked(portrait):
+    from avatar.audio import Wav2Vec2AudioEncoder
+    from avatar.config import get_preset
+
+    cfg = get_preset("tiny").replace(audio_encoder="wav2vec2", wav2vec2_layers=(1, 2), audio_feature_dim=32)
+    with pytest.raises(EmoteError, match="needs the mel audio encoder"):
+        AvatarPipeline.from_config(cfg)
+    pipe = AvatarPipeline.from_config(cfg, random_wav2vec2=True)  # what `emote bench --preset sd15` times
+    assert isinstance(pipe.audio_encoder, Wav2Vec2AudioEncoder) and pipe.audio_encoder.feature_dim == 32
+    assert render(pipe, portrait, seconds=0.5, seed=2).shape == (12, 32, 32, 3)
+
+
 def test_untrained_default_warns(monkeypatch, tmp_path):
     import avatar.pipeline as pipeline_module
     from avatar.pipeline import UntrainedModelWarning

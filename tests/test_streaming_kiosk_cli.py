@@ -52,6 +52,8 @@ def test_bench_streaming_bad_options_exit_2_with_one_line(capsys):
     assert err.count("\n") == 1 and "--sessions" in err
     assert main(["bench", "--streaming", "--preset", "tiny", "--seconds", "-1"]) == 2
     assert main(["bench", "--streaming", "--preset", "tiny", "--context-lookahead", "7"]) == 2
+    assert main(["bench", "--streaming", "--preset", "tiny", "--compile", "default"]) == 2
+    assert "--compile" in capsys.readouterr().err
 
 
 def test_bench_streaming_prints_one_json_line(capsys):

@@ -253,9 +253,10 @@ def run_loop(
     optimizer = torch.optim.AdamW(objective.optimizer_groups(params, s.lr), lr=s.lr, weight_decay=s.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=s.warmup_steps, total_steps=s.steps, schedule=s.lr_schedule))
-    ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
     counter = Counter()
     model, optimizer = accelerator.prepare(objective, optimizer)
+    # After prepare, which moves the parameters to the accelerator's device: the EMA copies must live beside them.
+    ema = make_ema(params, s) if make_ema else EMA(params, s.ema_decay, s.ema_warmup)
     accelerator.register_for_checkpointing(lr_scheduler, ema, counter)
 
     if s.resume:
