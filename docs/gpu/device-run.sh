@@ -8,10 +8,17 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av==18.1.0 diffusers==0.42.1
 #   .venv/bin/emote corpus --out .whl/corpus --identities 20 --hours 0.04 --seed 0 --size 128 --workers 2
 #   mv avatar/checkpoints/default avatar/checkpoints/default-teacher /tmp/   # and back after the call
+# For PARTS "corpus" (the corpus written there, in about a tenth of the time on its 16 cores; espeak-ng is not on
+# the device image, and its libpcaudio would need PulseAudio, so a stub stands in for it):
+#   mkdir -p .whl/debs .whl/lib && (cd .whl/debs && apt-get download libespeak-ng1 espeak-ng-data libsonic0)
+#   gcc -shared -fPIC -O2 -o .whl/lib/libpcaudio.so.0 docs/gpu/pcaudio_stub.c
+# (session 17 checked that here, with the system's espeak-ng-data hidden: the same audio, byte for byte; it has not
+# run on a GPU machine yet).
 # The device image lacks diffusers and av; `.whl/` (ignored by git) carries them and the corpus. A call carries at
 # most 64 MiB and the tracked tree is 69 MiB with the two checkpoints, which these runs do not need (--preset).
 # The call (session 17): `OUT=$OUT bash docs/gpu/device-run.sh 2>&1 | tee $OUT/run.log` with carry [".whl"];
-# PARTS picks sections (the second call: PARTS="bench train" TRAIN_STEPS=40 TRAIN_LIMIT=45).
+# PARTS picks sections (the second call: PARTS="bench train" TRAIN_STEPS=40 TRAIN_LIMIT=45); "corpus" (not in the
+# default) writes a corpus there (CORPUS_IDENTITIES, CORPUS_HOURS) that the training parts then read.
 # A dry run here, on the CPU: DEVICE=cpu QUICK=1 OUT=/tmp/gpu-out bash docs/gpu/device-run.sh
 set -u
 DEVICE=${DEVICE:-cuda}
@@ -40,6 +47,18 @@ section environment
 diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'av', av.__version__,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', 'cpus', __import__('os').cpu_count())"
 } 2>&1 | tee "$OUT/env.txt"
+
+DATA=.whl/corpus
+if [[ " $PARTS " == *" corpus "* ]]; then
+  section corpus
+  mkdir -p /tmp/espeak && for f in .whl/debs/*.deb; do dpkg -x "$f" /tmp/espeak; done
+  export LD_LIBRARY_PATH="$PWD/.whl/lib:/tmp/espeak/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export ESPEAK_DATA_PATH=/tmp/espeak/usr/lib/x86_64-linux-gnu
+  rm -rf /tmp/corpus
+  timeout 400 bash -c "$(declare -f emote); PY=$PY; emote corpus --out /tmp/corpus --seed 0 --size 128 \
+    --identities ${CORPUS_IDENTITIES:-200} --hours ${CORPUS_HOURS:-0.6} --workers $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" \
+    2>&1 | tail -2 && DATA=/tmp/corpus
+fi
 
 bench() {  # bench TIMEOUT ARGS...: one JSON line into bench.jsonl, or the error
   local limit=$1; shift
@@ -74,7 +93,7 @@ train() {  # train STAGE BATCH EXTRA...: log lines into train.jsonl; the model s
   section train "$stage" batch "$batch"
   rm -rf "/tmp/train-$stage"
   timeout "$TRAIN_LIMIT" bash -c "$(declare -f emote); PY=$PY; emote $([ "$stage" = distill ] || echo train --stage) \
-    $stage --data .whl/corpus --out /tmp/train-$stage --steps $TRAIN_STEPS --batch-size $batch --mixed-precision bf16 \
+    $stage --data $DATA --out /tmp/train-$stage --steps $TRAIN_STEPS --batch-size $batch --mixed-precision bf16 \
     --log-every 10 --num-workers 6 --save-every $TRAIN_STEPS --quiet $*" >"$OUT/last.err" 2>&1 \
     || { echo "stopped ($?)"; tail -3 "$OUT/last.err"; }
   sed "s/^{/{\"run\": \"$stage-b$batch\", /" "/tmp/train-$stage/log.jsonl" 2>/dev/null | tee -a "$OUT/train.jsonl" | tail -2
