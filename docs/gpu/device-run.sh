@@ -35,7 +35,15 @@ if [ "$DEVICE" = cuda ]; then
 else
   PY=${PY:-.venv/bin/python}
 fi
-emote() { "$PY" -c 'import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+emote_within() {  # emote_within SECONDS ARGS...: the emote CLI (its package is not installed there), time-limited
+  local limit=$1; shift
+  timeout "$limit" "$PY" -c 'import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))' "$@"
+}
+record() {  # record FILE SECONDS ARGS...: emote's one JSON line appended to $OUT/FILE, or the error shown
+  local file=$1 limit=$2; shift 2
+  emote_within "$limit" "$@" >"$OUT/last.json" 2>"$OUT/last.err" && tee -a "$OUT/$file" <"$OUT/last.json" \
+    || { echo "FAILED ($?): $*"; tail -3 "$OUT/last.err"; }
+}
 section() { echo "=== $* (t=$(( $(date +%s) - START ))s)"; }
 START=$(date +%s)
 BIG=sd15; REPEATS=9; SECONDS_LIVE=10; TRAIN_STEPS=${TRAIN_STEPS:-60}; TRAIN_LIMIT=${TRAIN_LIMIT:-90}
@@ -55,17 +63,14 @@ if [[ " $PARTS " == *" corpus "* ]]; then
   export LD_LIBRARY_PATH="$PWD/.whl/lib:/tmp/espeak/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export ESPEAK_DATA_PATH=/tmp/espeak/usr/lib/x86_64-linux-gnu
   rm -rf /tmp/corpus
-  timeout 400 bash -c "$(declare -f emote); PY=$PY; emote corpus --out /tmp/corpus --seed 0 --size 128 \
-    --identities ${CORPUS_IDENTITIES:-200} --hours ${CORPUS_HOURS:-0.6} --workers $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" \
-    2>&1 | tail -2 && DATA=/tmp/corpus
+  emote_within 400 corpus --out /tmp/corpus --seed 0 --size 128 --identities "${CORPUS_IDENTITIES:-200}" \
+    --hours "${CORPUS_HOURS:-0.6}" --workers $(( $(nproc) > 2 ? $(nproc) - 2 : 1 )) 2>&1 | tail -2 && DATA=/tmp/corpus
 fi
 
-bench() {  # bench TIMEOUT ARGS...: one JSON line into bench.jsonl, or the error
+bench() {  # bench SECONDS ARGS...: one JSON line into bench.jsonl, or the error
   local limit=$1; shift
   section bench "$@"
-  timeout "$limit" bash -c "$(declare -f emote); PY=$PY; emote bench --device $DEVICE --repeats $REPEATS --json $*" \
-    >"$OUT/last.json" 2>"$OUT/last.err" && cat "$OUT/last.json" | tee -a "$OUT/bench.jsonl" \
-    || { echo "FAILED ($?): $*"; tail -3 "$OUT/last.err"; }
+  record bench.jsonl "$limit" bench --device "$DEVICE" --repeats "$REPEATS" --json "$@"
 }
 if [[ " $PARTS " == *" bench "* ]]; then
 bench 120 --preset $BIG --dtype bfloat16 --steps 1
@@ -81,10 +86,8 @@ fi
 if [[ " $PARTS " == *" live "* ]]; then
 for sessions in 1 32 128; do
   section live sessions $sessions
-  timeout $(( SECONDS_LIVE * 4 + 40 )) bash -c "$(declare -f emote); PY=$PY; emote bench --streaming --preset default \
-    --device $DEVICE --dtype bfloat16 --sessions $sessions --seconds $SECONDS_LIVE --json" \
-    >"$OUT/last.json" 2>"$OUT/last.err" && tee -a "$OUT/stream.jsonl" <"$OUT/last.json" \
-    || { echo "FAILED ($?): live $sessions"; tail -3 "$OUT/last.err"; }
+  record stream.jsonl $(( SECONDS_LIVE * 4 + 40 )) bench --streaming --preset default --device "$DEVICE" \
+    --dtype bfloat16 --sessions "$sessions" --seconds "$SECONDS_LIVE" --json
 done
 fi
 
@@ -92,10 +95,11 @@ train() {  # train STAGE BATCH EXTRA...: log lines into train.jsonl; the model s
   local stage=$1 batch=$2; shift 2
   section train "$stage" batch "$batch"
   rm -rf "/tmp/train-$stage"
-  timeout "$TRAIN_LIMIT" bash -c "$(declare -f emote); PY=$PY; emote $([ "$stage" = distill ] || echo train --stage) \
-    $stage --data $DATA --out /tmp/train-$stage --steps $TRAIN_STEPS --batch-size $batch --mixed-precision bf16 \
-    --log-every 10 --num-workers 6 --save-every $TRAIN_STEPS --quiet $*" >"$OUT/last.err" 2>&1 \
-    || { echo "stopped ($?)"; tail -3 "$OUT/last.err"; }
+  local command=(train --stage "$stage")
+  [ "$stage" = distill ] && command=(distill)
+  emote_within "$TRAIN_LIMIT" "${command[@]}" --data "$DATA" --out "/tmp/train-$stage" --steps "$TRAIN_STEPS" \
+    --batch-size "$batch" --mixed-precision bf16 --log-every 10 --num-workers 6 --save-every "$TRAIN_STEPS" --quiet \
+    "$@" >"$OUT/last.err" 2>&1 || { echo "stopped ($?)"; tail -3 "$OUT/last.err"; }
   sed "s/^{/{\"run\": \"$stage-b$batch\", /" "/tmp/train-$stage/log.jsonl" 2>/dev/null | tee -a "$OUT/train.jsonl" | tail -2
 }
 if [[ " $PARTS " == *" compile "* ]]; then
