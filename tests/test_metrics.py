@@ -58,6 +58,18 @@ def test_frozen_mouth_has_no_lip_sync(oracle_clip):
     assert result["psnr"] < 60
 
 
+def test_per_clip_scores_name_each_clip_and_weigh_into_the_pooled_r(oracle_clip):
+    clip, oracle = oracle_clip
+    frozen = np.repeat(oracle.frames[:1], len(oracle.frames), axis=0)
+    result = score_clips([oracle.frames.copy(), frozen], [oracle, oracle], [clip, clip])
+    perfect, still = result["per_clip"]
+    assert perfect["clip"] == still["clip"] == clip.spec.clip_id and perfect["identity"] == clip.spec.identity_index
+    assert perfect["r"] == pytest.approx(1.0) and abs(still["r"]) < 0.1
+    assert perfect["psnr"] == metrics.PSNR_CAP > still["psnr"]
+    assert result["lip_sync"]["r"] == pytest.approx((perfect["r"] + still["r"]) / 2)  # equal lengths
+    assert perfect["traits"] == [t for t in ("beard", "glasses", "earrings") if getattr(clip.identity, t)]
+
+
 def test_three_frame_delay_is_reported_as_offset_3(oracle_clip):
     clip, oracle = oracle_clip
     late = np.concatenate([np.repeat(oracle.frames[:1], 3, axis=0), oracle.frames[:-3]])

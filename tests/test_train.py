@@ -531,6 +531,27 @@ def test_lip_reading_resume_in_another_mode_is_a_clear_error(corpus, tmp_path, c
     assert "lip_reading_weight 0.1 now None" in capsys.readouterr().err
 
 
+def test_oversample_repeats_the_windows_of_identities_with_the_trait(corpus, tmp_path, capsys):
+    from avatar.data.dataset import ClipWindowDataset
+
+    dataset = ClipWindowDataset(corpus, "train", num_frames=2)
+    identities = [dataset.reader.identity(dataset.reader.entry(c)["identity"]) for c in dataset.clip_ids]
+    assert all(i.glasses and not i.beard for i in identities)  # the fixture's training identity
+    assert dataset.oversampled({"glasses": 3}) == [w for w in range(len(dataset)) for _ in range(3)]
+    assert dataset.oversampled({"beard": 3, "glasses": 2}) == [w for w in range(len(dataset)) for _ in range(2)]
+    assert dataset.oversampled({"beard": 3}) == list(range(len(dataset)))
+    limited = open_dataset(corpus, 2, 0, seed=0, limit_windows=2, oversample={"glasses": 3})
+    assert [limited.indices.count(w) for w in (0, 1)] == [3, 3] and len(limited) == 6
+    # the data order depends on it, so a resume must keep it
+    run = ["train", "--stage", "1", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "o"),
+           "--batch-size", "1", "--limit-windows", "2", "--quiet"]
+    assert emote([*run, "--steps", "1", "--oversample", "glasses=3"]) == 0
+    capsys.readouterr()
+    assert emote([*run, "--steps", "2", "--resume"]) == 2
+    assert "oversample {'glasses': 3} now None" in capsys.readouterr().err
+    assert emote([*run, "--steps", "2", "--resume", "--oversample", "glasses=3"]) == 0
+
+
 def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(corpus, tmp_path, capsys):
     teacher = AvatarPipeline.from_config("tiny", seed=0)
     as_teacher(teacher)
@@ -599,6 +620,10 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "2", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{located}",
          "--grow-audio-locator", "8"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "ears"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--oversample", "hat=2"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--oversample",
+         "beard=0"],
+        ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--oversample", "beard"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--freeze", "backbone",
          "--freeze", "reference_net"],
         ["distill", "--teacher", "/nonexistent/model", "--data", "{corpus}", "--out", "{tmp}/o"],

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from avatar.data.corpus import PARAM_COLUMNS, ClipData, CorpusReader
+from avatar.data.face import IDENTITY_TRAITS
 from avatar.data.motion import HOP
 
 
@@ -57,6 +58,18 @@ class ClipWindowDataset(Dataset):
         """Memory the split's frames take once decoded (uint8 RGB at the corpus size)."""
         size = self.reader.size
         return sum(self.reader.entry(c)["num_frames"] for c in self.clip_ids) * size * size * 3
+
+    def oversampled(self, factors: dict[str, int]) -> list[int]:
+        """Window indices in which each window of an identity with trait t (`face.IDENTITY_TRAITS`) appears
+        factors[t] times (the largest factor among its traits), the others once."""
+        unknown = sorted(set(factors) - set(IDENTITY_TRAITS))
+        if unknown:
+            raise ValueError(f"cannot oversample {', '.join(unknown)}: the traits are {', '.join(IDENTITY_TRAITS)}")
+        repeats = []
+        for clip_id in self.clip_ids:
+            identity = self.reader.identity(self.reader.entry(clip_id)["identity"])
+            repeats.append(max([f for t, f in factors.items() if getattr(identity, t)], default=1))
+        return [item for item, (clip_index, _) in enumerate(self.windows) for _ in range(repeats[clip_index])]
 
     def _load_clip(self, clip_index: int) -> ClipData:
         return self.reader.load(self.clip_ids[clip_index])

@@ -22,6 +22,11 @@ HEAD_CENTER = (0.0, -0.12)  # head centre in the frame at rest
 HEAD_SCALE = 0.5  # head-local unit -> frame units
 
 
+# The yes/no traits of an identity (a glasses style counts as yes), by which evaluation breaks results down and
+# training may oversample: they change what surrounds the mouth (a beard's dark frame hides a dark mouth's opening).
+IDENTITY_TRAITS = ("beard", "glasses", "earrings")
+
+
 @dataclass(frozen=True)
 class Identity:
     """Everything that makes one face look like itself. Colours are RGB in [0, 1]."""

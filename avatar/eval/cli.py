@@ -125,6 +125,11 @@ def run_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise _user_error(exc) from None
     print(json.dumps(result, sort_keys=True) if args.json else _summary(result))
+    if not args.json and len(result["per_clip"]) > 1:
+        for clip in result["per_clip"]:
+            traits = "".join(f", {t}" for t in clip["traits"])
+            print(f"  {clip['clip']} (identity {clip['identity']}{traits}): lip sync r {clip['r']:.3f} | "
+                  f"PSNR {clip['psnr']:.2f} dB | {clip['frames']} frames")
     return 0
 
 

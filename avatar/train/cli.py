@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     train.add_argument("--refiner-audio-channels", type=int, default=0, metavar="CHANNELS",
                        help="stage warm-refiner: add an audio path of this many channels to the --init model's "
                             "portrait refiner, which then hears each frame's audio; it starts as the identity")
+    train.add_argument("--oversample", action="append", type=_oversample, default=[], metavar="TRAIT=FACTOR",
+                       help="draw the windows of identities with this trait (beard, glasses, earrings) FACTOR times "
+                            "as often, e.g. beard=3 (repeatable)")
     train.set_defaults(func=run_train)
 
     distill = subparsers.add_parser("distill", help="consistency-distil a trained teacher into a 1-4 step student")
@@ -127,6 +130,17 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _oversample(text: str) -> tuple[str, int]:
+    trait, _, factor = text.partition("=")
+    try:
+        value = int(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIT=FACTOR, e.g. beard=3, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"the factor must be between 1 and 100, got {text!r}")
+    return trait, value
+
+
 def _report(result) -> None:
     print(json.dumps({"step": result.step, "model": str(result.model_dir), "steps_per_s": round(result.steps_per_s, 4),
                       "last_loss": result.losses[-1] if result.losses else None}))
@@ -152,7 +166,8 @@ def run_train(args: argparse.Namespace) -> int:
                         grow_audio_locator=args.grow_audio_locator, expert_warmup=args.expert_warmup,
                         lip_reading_weight=args.lip_reading_weight,
                         portrait_refiner_channels=args.refiner_channels,
-                        refiner_audio_channels=args.refiner_audio_channels))
+                        refiner_audio_channels=args.refiner_audio_channels,
+                        oversample=dict(args.oversample)))
     return 0
 
 

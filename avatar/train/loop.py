@@ -373,9 +373,10 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: int, limit_windows: int | None = None,
-                 loader_processes: int = 1):
+                 loader_processes: int = 1, oversample: dict[str, int] | None = None):
     """The corpus's training split as windows of `num_frames` frames (optionally only the first `limit_windows`).
-    `loader_processes` (data-loading workers, at least 1) share the memory budget for keeping clips decoded."""
+    `loader_processes` (data-loading workers, at least 1) share the memory budget for keeping clips decoded.
+    `oversample` repeats the windows of identities with a trait (`ClipWindowDataset.oversampled`)."""
     from torch.utils.data import Subset
 
     from avatar.data.dataset import ClipWindowDataset
@@ -391,9 +392,15 @@ def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: in
         raise EmoteError(f"cannot read the corpus in {data}: {exc}") from None
     if len(dataset) == 0:
         raise EmoteError(f"the corpus in {data} has no training window of {num_frames} frames")
+    indices = list(range(len(dataset)))
+    if oversample:
+        try:
+            indices = dataset.oversampled(oversample)
+        except ValueError as exc:
+            raise EmoteError(f"--oversample: {exc}") from None
     if limit_windows:
-        dataset = Subset(dataset, range(min(limit_windows, len(dataset))))
-    return dataset
+        indices = [i for i in indices if i < limit_windows]
+    return Subset(dataset, indices) if len(indices) != len(dataset) else dataset
 
 
 def as_teacher(pipe) -> None:
@@ -409,7 +416,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
                 grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0,
                 portrait_refiner_channels: tuple[int, ...] | None = None,
-                refiner_audio_channels: int = 0) -> LoopResult:
+                refiner_audio_channels: int = 0, oversample: dict[str, int] | None = None) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `refiner`, `audio`, `1`, `2`, `3`), or `warm` or `warm-refiner` on a
     distilled student, starting from `init` (a model directory) or a fresh `preset`; the components in `frozen` keep
     their weights; `grow_attention_levels` adds spatial attention at those UNet levels of `init` first,
@@ -421,7 +428,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     continues the mouth expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise),
     stores it with each export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0
     adds the lip-reading term (stages vae, decoder, refiner and warm-refiner), whose expert (LIP_READER_MODULE) is
-    kept the same way. Every run exports the experts of `init` that it does not train, unchanged."""
+    kept the same way. Every run exports the experts of `init` that it does not train, unchanged. `oversample`
+    draws the windows of identities with a trait more often (`open_dataset`)."""
     from avatar.checkpoint import load_training_module
     from avatar.grow import add_portrait_refiner, add_refiner_audio, grow_attention
     from avatar.grow import grow_audio_locator as add_audio_locator
@@ -483,7 +491,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert,
                                 lip_reading_weight=lip_reading_weight)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
-                           loader_processes=settings.num_workers)
+                           loader_processes=settings.num_workers, oversample=oversample)
     # what the warm stage and the lip-reading term train for is in no weight, nor what a resume grows: a resume in
     # another mode would train on silently, or fail to load the state
     if stage == "warm":
@@ -496,6 +504,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
             objective_settings["refiner_audio_channels"] = refiner_audio_channels
     else:
         objective_settings = None
+    if oversample:  # the data order depends on it
+        objective_settings = {**(objective_settings or {}), "oversample": dict(sorted(oversample.items()))}
     export_model = partial(pipe.save_pretrained,
                            training_modules={**carried, **({expert_module: objective.expert} if expert_module else {})})
     return run_loop(objective, dataset, settings, export_model=export_model, objective_settings=objective_settings)
