@@ -542,6 +542,10 @@ def test_oversample_repeats_the_windows_of_identities_with_the_trait(corpus, tmp
     assert dataset.oversampled({"beard": 3}) == list(range(len(dataset)))
     limited = open_dataset(corpus, 2, 0, seed=0, limit_windows=2, oversample={"glasses": 3})
     assert [limited.indices.count(w) for w in (0, 1)] == [3, 3] and len(limited) == 6
+    # a third of the windows, each thrice, is as many items as the whole split, but not the same ones
+    third = len(ClipWindowDataset(corpus, "train", num_frames=1)) // 3
+    same_size = open_dataset(corpus, 1, 0, seed=0, limit_windows=third, oversample={"glasses": 3})
+    assert same_size.indices == [w for w in range(third) for _ in range(3)]
     # the data order depends on it, so a resume must keep it
     run = ["train", "--stage", "1", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "o"),
            "--batch-size", "1", "--limit-windows", "2", "--quiet"]

@@ -68,7 +68,7 @@ class ClipWindowDataset(Dataset):
         repeats = []
         for clip_id in self.clip_ids:
             identity = self.reader.identity(self.reader.entry(clip_id)["identity"])
-            repeats.append(max([f for t, f in factors.items() if getattr(identity, t)], default=1))
+            repeats.append(max([f for t, f in factors.items() if t in identity.traits()], default=1))
         return [item for item, (clip_index, _) in enumerate(self.windows) for _ in range(repeats[clip_index])]
 
     def _load_clip(self, clip_index: int) -> ClipData:

@@ -66,6 +66,10 @@ class Identity:
     background_b: tuple[float, float, float]
     background_pattern: str
 
+    def traits(self) -> tuple[str, ...]:
+        """The `IDENTITY_TRAITS` this identity has."""
+        return tuple(t for t in IDENTITY_TRAITS if getattr(self, t))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from avatar.data.corpus import ClipSpec, CorpusReader, write_corpus
-from avatar.data.face import IDENTITY_TRAITS, FaceRenderer, FaceState, Identity, still_head
+from avatar.data.face import FaceRenderer, FaceState, Identity, still_head
 from avatar.data.motion import FPS, SAMPLE_RATE
 from avatar.eval import metrics
 from avatar.eval.mouth import mouth_opening
@@ -104,7 +104,7 @@ def score_clips(rendered: list[np.ndarray], oracles: list[OracleView], clips: li
         reference.append(mouth_opening(truth, oracle.neutral, oracle.mouth_box))
         params.append(clip.spec.column("mouth_open")[:n])
         per_clip.append({"clip": clip.spec.clip_id, "identity": clip.spec.identity_index,
-                         "traits": [t for t in IDENTITY_TRAITS if getattr(clip.identity, t)], "frames": n,
+                         "traits": list(clip.identity.traits()), "frames": n,
                          "r": metrics.pearson(measured[-1], reference[-1]), "psnr": metrics.psnr(frames, truth)})
         squared += metrics.mse(frames, truth) * truth.size
         pixels += truth.size

@@ -392,7 +392,8 @@ def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: in
         raise EmoteError(f"cannot read the corpus in {data}: {exc}") from None
     if len(dataset) == 0:
         raise EmoteError(f"the corpus in {data} has no training window of {num_frames} frames")
-    indices = list(range(len(dataset)))
+    everything = list(range(len(dataset)))
+    indices = everything
     if oversample:
         try:
             indices = dataset.oversampled(oversample)
@@ -400,7 +401,7 @@ def open_dataset(data: str | Path, num_frames: int, audio_context: int, seed: in
             raise EmoteError(f"--oversample: {exc}") from None
     if limit_windows:
         indices = [i for i in indices if i < limit_windows]
-    return Subset(dataset, indices) if len(indices) != len(dataset) else dataset
+    return dataset if indices == everything else Subset(dataset, indices)
 
 
 def as_teacher(pipe) -> None:
