@@ -252,7 +252,8 @@ class AvatarPipeline:
         "portrait", noised to that fraction of the schedule, instead of from pure noise.
 
         Guidance (for the teacher): eps = e_u + g_ref (e_ref - e_u) + g_audio (e_full - e_ref), where e_u drops the
-        reference and the audio, e_ref drops the audio. With both scales 1 only the conditional pass runs.
+        reference and the audio, e_ref drops the audio. With both scales 1 only the conditional pass runs; with
+        guidance_scale 1 (audio guidance alone, which a student's warm-guidance stage folds in), e_u does not run.
         """
         if not windows:
             raise ValueError("no windows to denoise")
@@ -299,7 +300,8 @@ class AvatarPipeline:
             out = self.backbone(model_in, t, cond)
             if guided:
                 e_ref = self.backbone(model_in, t, no_audio)
-                e_u = self.backbone(model_in, t, uncond)
+                # with guidance_scale 1 the formula drops e_u: audio guidance alone takes two passes
+                e_u = self.backbone(model_in, t, uncond) if guidance_scale != 1.0 else e_ref
                 out = e_u + guidance_scale * (e_ref - e_u) + g_audio * (out - e_ref)
             step = scheduler.step(out, t, latents, generator=generators if len(generators) > 1 else generators[0])
             latents = step.prev_sample

@@ -36,6 +36,17 @@ def speech_like(seconds: float, rate: int = AUDIO_SAMPLE_RATE, seed: int = 0) ->
     return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
+def make_audible(pipe, seed: int = 0):
+    """Random weights in the spatial transformers' outputs, which start at zero: a fresh tiny model ignores its audio,
+    so audio guidance would change nothing. Returns the pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in pipe.backbone.named_modules():
+            if name.endswith("proj_out"):
+                module.weight.copy_(0.05 * torch.randn(module.weight.shape, generator=generator))
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from avatar.pipeline import AvatarPipeline

@@ -14,7 +14,7 @@ from avatar.errors import CheckpointError, EmoteError
 from avatar.pipeline import AvatarPipeline, WindowInput, window_seed
 from avatar.reference import ReferenceCache
 from avatar.schedulers import build_scheduler, fresh_scheduler
-from conftest import speech_like, with_portrait_refiner
+from conftest import make_audible, speech_like, with_portrait_refiner
 
 
 def render(pipe, portrait, seconds=1.0, **kwargs):
@@ -106,6 +106,28 @@ def test_guidance_runs_three_backbone_passes_per_step(tiny_pipe, portrait):
     assert len(calls) == 6, "guided (the teacher): conditional, audio dropped, both dropped"
     assert sum(c.reference_bank is None for c in calls) == 2
     assert sum(bool((c.audio == 0).all()) for c in calls) == 4
+
+
+def test_audio_guidance_alone_runs_two_passes_and_amplifies_what_the_audio_changes(portrait):
+    pipe = make_audible(AvatarPipeline.from_config("tiny", seed=0))
+    cache = pipe.prepare_reference(portrait)
+    audio = pipe.audio_windows(pipe.encode_audio(speech_like(0.16)))
+
+    def sample(audio_scale: float, silent: bool = False) -> torch.Tensor:
+        window = WindowInput(cache, torch.zeros_like(audio) if silent else audio, torch.zeros(4), None, 0)
+        return pipe.denoise_windows([window], steps=1, sampler="ddim", audio_guidance_scale=audio_scale)
+
+    calls = []
+    hook = pipe.backbone.register_forward_hook(lambda module, args, output: calls.append(args[2]))
+    try:
+        guided = sample(3.0)
+    finally:
+        hook.remove()
+    assert len(calls) == 2 and all(c.reference_bank is not None for c in calls)
+    assert sum(bool((c.audio == 0).all()) for c in calls) == 1
+    heard, silent = sample(1.0), sample(1.0, silent=True)  # one DDIM step from noise: affine in the model's output
+    assert not torch.allclose(heard, silent)
+    torch.testing.assert_close(guided, silent + 3.0 * (heard - silent), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("sampler, steps, strength, expected", [

@@ -17,6 +17,7 @@ from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
 from avatar.train.loop import EMA, LoopSettings, as_teacher, lr_factor, open_dataset, run_loop, train_stage
 from avatar.train.stages import FAST_LR_SCALE, build_objective
+from conftest import make_audible
 from server.cli import main as emote
 
 STAGE_LR = {"vae": 3e-3, "decoder": 3e-3, "audio": 3e-3, "1": 2e-3, "2": 3e-3, "3": 3e-2}
@@ -614,6 +615,13 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
          "--lip-reading-weight", "0.1", "--freeze", "vae"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--warm-start",
          "portrait"],
+        ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}"],
+        ["train", "--stage", "warm", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--audio-guidance", "2"],
+        ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--audio-guidance", "1"],
+        ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--audio-guidance", "nan"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "1"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "5"],
@@ -702,6 +710,24 @@ def test_warm_refiner_stage_fits_the_refiner_to_what_the_student_draws(corpus, t
     before, after, changed = overfit(build_objective("warm-refiner", pipe), corpus, tmp_path, steps=30, lr=3e-3)
     assert after < 0.7 * before, (before, after)
     assert changed and all(n.startswith("portrait_refiner.") for n in changed)
+
+
+def test_warm_guidance_stage_teaches_one_pass_what_audio_guidance_gives_in_two(corpus, tmp_path):
+    student = make_audible(tiny_student())
+    objective = build_objective("warm-guidance", student, audio_guidance=3.0)
+    guide = {n: p.detach().clone() for n, p in objective.guided.named_parameters()}
+    before, after, changed = overfit(objective, corpus, tmp_path / "fit", steps=30, lr=1e-4)
+    assert before > 0.01 and after < 0.8 * before, (before, after)  # the copy hears the audio 3x as strongly
+    assert changed and all(n.startswith("backbone.") for n in changed)  # never the guided copy it learns from
+    assert all(torch.equal(p, guide[n]) for n, p in objective.guided.named_parameters())
+
+    student.save_pretrained(tmp_path / "student")
+    run = ["train", "--stage", "warm-guidance", "--data", str(corpus), "--init", str(tmp_path / "student"),
+           "--out", str(tmp_path / "run"), "--batch-size", "1", "--limit-windows", "2", "--quiet"]
+    assert emote([*run, "--steps", "1", "--audio-guidance", "2"]) == 0
+    folded = AvatarPipeline.from_pretrained(tmp_path / "run" / "model")
+    assert (folded.config.sampler, folded.config.default_steps, folded.config.strength) == ("lcm", 1, 0.5)
+    assert emote([*run, "--steps", "2", "--resume", "--audio-guidance", "3"]) == 2
 
 
 def test_warm_refiner_stage_grows_an_audio_path_and_trains_it_with_the_lip_reading_term(corpus, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 from avatar.config import WARM_STARTS
 from avatar.errors import EmoteError
 
-STAGE_CHOICES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner")
+STAGE_CHOICES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm",
+                 "warm-refiner", "warm-guidance")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="train one EMO stage (vae, decoder, refiner, audio, 1 image, 2 video, 3 speed) on a corpus, or "
                       "fine-tune a distilled student, or its portrait refiner, on its warm-start input (warm, "
-                      "warm-refiner)")
+                      "warm-refiner), or fold audio guidance into it (warm-guidance)")
     train.add_argument("--stage", choices=STAGE_CHOICES, required=True)
     source = train.add_mutually_exclusive_group()
     source.add_argument("--init", type=Path, default=None, help="start from this model (the previous stage's --out)")
@@ -60,6 +61,9 @@ def register(subparsers) -> None:
                             "so that a run from a model, with a new expert, moves the student once its sync loss "
                             "reads something; stages vae, decoder, refiner and warm-refiner: their lip reader "
                             "alone (the network waits)")
+    train.add_argument("--audio-guidance", type=float, default=None, metavar="G",
+                       help="stage warm-guidance (required there): the audio guidance scale to fold into the student, "
+                            "so that one backbone pass gives what two give with guidance G")
     train.add_argument("--lip-reading-weight", type=float, default=0.0, metavar="W",
                        help="stages vae, decoder, refiner and warm-refiner: add W x a lip-reading term: a mouth "
                             "expert, trained alongside on the true frames, must read the drawn mouths as it reads "
@@ -167,7 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
                         lip_reading_weight=args.lip_reading_weight,
                         portrait_refiner_channels=args.refiner_channels,
                         refiner_audio_channels=args.refiner_audio_channels,
-                        oversample=dict(args.oversample)))
+                        oversample=dict(args.oversample), audio_guidance=args.audio_guidance))
     return 0
 
 

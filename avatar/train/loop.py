@@ -417,7 +417,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
                 grow_attention_levels: tuple[int, ...] = (), warm_start: str | None = None,
                 grow_audio_locator: int = 0, expert_warmup: int = 0, lip_reading_weight: float = 0.0,
                 portrait_refiner_channels: tuple[int, ...] | None = None,
-                refiner_audio_channels: int = 0, oversample: dict[str, int] | None = None) -> LoopResult:
+                refiner_audio_channels: int = 0, oversample: dict[str, int] | None = None,
+                audio_guidance: float | None = None) -> LoopResult:
     """Run one EMO stage (`vae`, `decoder`, `refiner`, `audio`, `1`, `2`, `3`), or `warm` or `warm-refiner` on a
     distilled student, starting from `init` (a model directory) or a fresh `preset`; the components in `frozen` keep
     their weights; `grow_attention_levels` adds spatial attention at those UNet levels of `init` first,
@@ -430,7 +431,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     stores it with each export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0
     adds the lip-reading term (stages vae, decoder, refiner and warm-refiner), whose expert (LIP_READER_MODULE) is
     kept the same way. Every run exports the experts of `init` that it does not train, unchanged. `oversample`
-    draws the windows of identities with a trait more often (`open_dataset`)."""
+    draws the windows of identities with a trait more often (`open_dataset`). Stage `warm-guidance` folds audio
+    guidance of scale `audio_guidance` into a student's one pass."""
     from avatar.checkpoint import load_training_module
     from avatar.grow import add_portrait_refiner, add_refiner_audio, grow_attention
     from avatar.grow import grow_audio_locator as add_audio_locator
@@ -449,6 +451,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--lip-reading-weight applies to --stage vae, decoder, refiner and warm-refiner only")
     if portrait_refiner_channels is not None and stage != "refiner":
         raise EmoteError("--refiner-channels applies to --stage refiner only")
+    if (audio_guidance is None) != (stage != "warm-guidance"):
+        raise EmoteError("--audio-guidance G is what --stage warm-guidance needs, and applies to it only")
+    if audio_guidance is not None and not 1 < audio_guidance <= 20:  # also refuses nan
+        raise EmoteError(f"--audio-guidance must be above 1 and at most 20, got {audio_guidance}")
     if refiner_audio_channels and stage != "warm-refiner":
         raise EmoteError("--refiner-audio-channels applies to --stage warm-refiner only")
     if lip_reading_weight > 0 and stage in ("vae", "decoder") and "vae" in frozen:
@@ -476,7 +482,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--refiner-channels: the --init model has a portrait refiner already")
     if refiner_audio_channels:
         pipe = add_refiner_audio(pipe, refiner_audio_channels, seed=settings.seed)
-    if stage not in ("warm", "refiner", "warm-refiner"):  # the portrait refiner changes no sampling
+    if stage not in ("warm", "refiner", "warm-refiner", "warm-guidance"):  # the portrait refiner changes no sampling
         as_teacher(pipe)
     if warm_start is not None:
         pipe.config = pipe.config.replace(warm_start=warm_start).validate()
@@ -490,7 +496,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     expert = carried.pop(expert_module, None)
     torch.manual_seed(settings.seed)  # a new expert's initial weights
     objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert,
-                                lip_reading_weight=lip_reading_weight)
+                                lip_reading_weight=lip_reading_weight, audio_guidance=audio_guidance or 1.5)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers, oversample=oversample)
     # what the warm stage and the lip-reading term train for is in no weight, nor what a resume grows: a resume in
@@ -498,6 +504,9 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     if stage == "warm":
         objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
                                   expert_warmup=expert_warmup)
+    elif stage == "warm-guidance":
+        objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
+                                  audio_guidance=audio_guidance)
     elif lip_reading_weight > 0 or refiner_audio_channels:  # (a state from before the options stored none, and
         # resumes as a plain run)
         objective_settings = dict(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)

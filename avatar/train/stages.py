@@ -16,7 +16,9 @@
   F frames preceded by M motion frames; everything spatial is frozen;
 - stage `3` (speed): the speed layers only (EMO froze audio here: training it jointly weakened audio control);
 - stage `warm`: a distilled student's whole backbone, on the input it samples from warm-started (`warm.py`);
-- stage `warm-refiner`: a student's PortraitRefiner, on the latents the student draws there (`warm.py`).
+- stage `warm-refiner`: a student's PortraitRefiner, on the latents the student draws there (`warm.py`);
+- stage `warm-guidance`: a student's whole backbone, taught to give in one pass what it gives with audio guidance in
+  two (`warm.py`).
 
 Every objective is an `nn.Module` whose `forward(batch, generator)` returns the loss, so that `accelerate` (DDP,
 autocast) wraps the whole computation. All randomness comes from `generator`, which makes a step reproducible.
@@ -37,8 +39,9 @@ from avatar.unet import BackboneConditions, lip_region_grid, parameter_group
 
 from .lipsync import MouthExpert, lip_crops, mouth_error
 
-STAGES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner")
-CONTINUING_STAGES = ("decoder", "refiner", "2", "3", "warm", "warm-refiner")  # the stages that need --init
+STAGES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-refiner", "warm-guidance")
+# the stages that need --init
+CONTINUING_STAGES = ("decoder", "refiner", "2", "3", "warm", "warm-refiner", "warm-guidance")
 AUTOENCODER_STAGES = ("vae", "decoder", "refiner")  # VaeObjective's
 LIP_READING_STAGES = (*AUTOENCODER_STAGES, "warm-refiner")  # the stages that may add the lip-reading term
 # the trainable networks of a pipeline
@@ -83,7 +86,7 @@ def stage_trains(stage: str, component: str, name: str, cfg: ModelConfig) -> boo
         return component == "backbone" and parameter_group(name) in ("temporal", "audio")
     if stage == "3":
         return component == "backbone" and parameter_group(name) == "speed"
-    if stage == "warm":
+    if stage in ("warm", "warm-guidance"):
         return component == "backbone"
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
@@ -506,11 +509,12 @@ class VideoObjective(PipelineModules):
 
 
 def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0,
-                    expert: MouthExpert | None = None, lip_reading_weight: float = 0.0) -> PipelineModules:
+                    expert: MouthExpert | None = None, lip_reading_weight: float = 0.0,
+                    audio_guidance: float = 1.5) -> PipelineModules:
     """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
     `lip_reading_weight`: the lip-reading term of `LIP_READING_STAGES` (none at 0); `expert`: the mouth expert that
     stage warm, or the lip-reading term, starts from (a new one if None); `expert_warmup`: the steps that train it
-    alone."""
+    alone; `audio_guidance`: the scale stage warm-guidance folds in."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
@@ -532,4 +536,8 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
 
         return WarmRefinerObjective(pipe, stage, frozen, lip_reading_weight=lip_reading_weight, expert=expert,
                                     expert_warmup=expert_warmup)
+    if stage == "warm-guidance":
+        from .warm import AudioGuidanceObjective
+
+        return AudioGuidanceObjective(pipe, stage, frozen, audio_guidance=audio_guidance)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

@@ -23,6 +23,8 @@ portrait's).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from avatar import vae as vae_ops
@@ -86,6 +88,13 @@ class WarmStartObjective(PipelineModules):
                    noise: torch.Tensor | None = None) -> torch.Tensor:
         """The student's first sampling step over `frames` frames warm-started from `start` (B, C, h, w), from
         `noise` (`shared_noise`) or, if None, noise drawn for every frame."""
+        noisy, t = self.first_input(start, frames, generator, noise)
+        return consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+
+    def first_input(self, start: torch.Tensor, frames: int, generator: torch.Generator,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the student's first sampling step sees (`first_step`): the noisy latents (B, F, C, h, w) and the
+        timesteps (B,)."""
         shape = (start.shape[0], frames, *start.shape[1:])
         t = torch.full((shape[0],), self.start_timestep, dtype=torch.long, device=start.device)
         if noise is None:
@@ -94,7 +103,7 @@ class WarmStartObjective(PipelineModules):
             noisy = noise.expand(shape).to(start.device, start.dtype)
         if self.cfg.strength < 1.0:
             noisy = self.noised(start[:, None], noisy, t)
-        return consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+        return noisy, t
 
     @torch.no_grad()
     def own_motion_frames(self, batch: dict, reference, generator: torch.Generator,
@@ -191,3 +200,40 @@ class WarmRefinerObjective(LipReadingTerm, WarmStartObjective):
         if self.expert is None:
             return loss
         return loss + self.lip_reading_weight * self.lip_reading(refined, boxes, true_reading) + expert_loss
+
+
+class AudioGuidanceObjective(WarmStartObjective):
+    """Stage `warm-guidance`: fold audio guidance into a 1-step student. Sampled with guidance g, the student's step
+    is e_silent + g (e_full - e_silent), where e_silent hears no audio: two backbone passes. This stage trains the
+    backbone to give that in one, on the inputs it samples from (built as the `warm` stage builds them), against a
+    frozen copy of itself with guidance: a self-distillation with no regression onto the true frames, which pull
+    an uncertain mouth towards the average one (docs/training.md, item 1)."""
+
+    uses_expert = False
+
+    def __init__(self, pipe, stage: str = "warm-guidance", frozen: tuple[str, ...] = (), audio_guidance: float = 1.5):
+        super().__init__(pipe, stage, frozen)
+        if not audio_guidance > 1.0:  # also refuses nan
+            raise EmoteError(f"--audio-guidance must be above 1 (1 is the student as it is), got {audio_guidance}")
+        self.audio_guidance = audio_guidance
+        self.guided = copy.deepcopy(self.backbone).requires_grad_(False)
+
+    def guided_step(self, noisy: torch.Tensor, t: torch.Tensor, cond: BackboneConditions) -> torch.Tensor:
+        """The frozen copy's first step with audio guidance (guidance is affine in the model's output, so it can be
+        applied to the denoised latents)."""
+        silent = BackboneConditions(**{**cond.__dict__, "audio": torch.zeros_like(cond.audio)})
+        with torch.no_grad():
+            full = consistency_output(self.guided, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+            heard_nothing = consistency_output(self.guided, noisy, t, silent, self.alphas_cumprod,
+                                               self.cfg.prediction_type)
+        return heard_nothing + self.audio_guidance * (full - heard_nothing)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        reference = self.reference_features(batch)
+        noise = self.shared_noise(reference[0], generator)
+        motion = self.own_motion_frames(batch, reference, generator, noise)
+        x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
+        noisy, t = self.first_input(start, x0.shape[1], generator, noise)
+        target = self.guided_step(noisy, t, cond).float()
+        denoised = consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+        return weighted_mean(pseudo_huber(denoised, target), self.window_lip_weights(batch, x0))
