@@ -453,8 +453,6 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--refiner-channels applies to --stage refiner only")
     if (audio_guidance is None) != (stage != "warm-guidance"):
         raise EmoteError("--audio-guidance G is what --stage warm-guidance needs, and applies to it only")
-    if audio_guidance is not None and not 1 < audio_guidance <= 20:  # also refuses nan
-        raise EmoteError(f"--audio-guidance must be above 1 and at most 20, got {audio_guidance}")
     if refiner_audio_channels and stage != "warm-refiner":
         raise EmoteError("--refiner-audio-channels applies to --stage warm-refiner only")
     if lip_reading_weight > 0 and stage in ("vae", "decoder") and "vae" in frozen:
@@ -496,7 +494,7 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     expert = carried.pop(expert_module, None)
     torch.manual_seed(settings.seed)  # a new expert's initial weights
     objective = build_objective(stage, pipe, frozen, expert_warmup=expert_warmup, expert=expert,
-                                lip_reading_weight=lip_reading_weight, audio_guidance=audio_guidance or 1.5)
+                                lip_reading_weight=lip_reading_weight, audio_guidance=audio_guidance)
     dataset = open_dataset(data, objective.window_frames, objective.audio_context, settings.seed, limit_windows,
                            loader_processes=settings.num_workers, oversample=oversample)
     # what the warm stage and the lip-reading term train for is in no weight, nor what a resume grows: a resume in

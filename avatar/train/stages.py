@@ -510,11 +510,11 @@ class VideoObjective(PipelineModules):
 
 def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmup: int = 0,
                     expert: MouthExpert | None = None, lip_reading_weight: float = 0.0,
-                    audio_guidance: float = 1.5) -> PipelineModules:
+                    audio_guidance: float | None = None) -> PipelineModules:
     """The objective of `stage`; components named in `frozen` stay fixed even where the stage would train them;
     `lip_reading_weight`: the lip-reading term of `LIP_READING_STAGES` (none at 0); `expert`: the mouth expert that
     stage warm, or the lip-reading term, starts from (a new one if None); `expert_warmup`: the steps that train it
-    alone; `audio_guidance`: the scale stage warm-guidance folds in."""
+    alone; `audio_guidance`: the scale stage warm-guidance folds in (required there)."""
     unknown = sorted(set(frozen) - set(COMPONENTS))
     if unknown:
         raise EmoteError(f"cannot freeze {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")

@@ -211,10 +211,12 @@ class AudioGuidanceObjective(WarmStartObjective):
 
     uses_expert = False
 
-    def __init__(self, pipe, stage: str = "warm-guidance", frozen: tuple[str, ...] = (), audio_guidance: float = 1.5):
+    def __init__(self, pipe, stage: str = "warm-guidance", frozen: tuple[str, ...] = (),
+                 audio_guidance: float | None = None):
+        if audio_guidance is None or not 1 < audio_guidance <= 20:  # also refuses nan
+            raise EmoteError(f"--audio-guidance must be above 1 (1 is the student as it is) and at most 20, "
+                             f"got {audio_guidance}")
         super().__init__(pipe, stage, frozen)
-        if not audio_guidance > 1.0:  # also refuses nan
-            raise EmoteError(f"--audio-guidance must be above 1 (1 is the student as it is), got {audio_guidance}")
         self.audio_guidance = audio_guidance
         self.guided = copy.deepcopy(self.backbone).requires_grad_(False)
 
