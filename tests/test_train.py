@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,19 @@ def tiny_teacher() -> AvatarPipeline:
     return pipe
 
 
+def scale_weights(module: torch.nn.Module, scale: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(scale)
+
+
+def loss_gradients(objective, batch: dict) -> dict[str, torch.Tensor]:
+    """The gradient of one evaluation of the objective's loss, by parameter name (those that get one)."""
+    objective.set_trainable()
+    objective(batch, torch.Generator().manual_seed(0)).backward()
+    return {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("stage,trained", [("decoder", "vae.decoder."), ("vae", "vae.")])
 def test_lip_reading_term_reaches_the_autoencoder_and_its_expert_learns_from_true_frames_only(corpus, stage, trained):
     """The lip-reading term: the reconstruction gets a gradient from the expert's reading of it, while the expert
@@ -403,12 +417,8 @@ def test_lip_reading_term_reaches_the_autoencoder_and_its_expert_learns_from_tru
     def gradients(weight: float, decoder_scale: float = 1.0) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # the same new expert every time
         objective = build_objective(stage, tiny_teacher(), lip_reading_weight=weight)
-        with torch.no_grad():
-            for p in objective.vae.decoder.parameters():
-                p.mul_(decoder_scale)
-        objective.set_trainable()
-        objective(batch, torch.Generator().manual_seed(0)).backward()
-        return {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+        scale_weights(objective.vae.decoder, decoder_scale)
+        return loss_gradients(objective, batch)
 
     plain, term, other_decoder = gradients(0.0), gradients(1.0), gradients(1.0, decoder_scale=0.5)
     assert plain and all(n.startswith(trained) for n in plain)  # weight 0: no expert at all
@@ -621,6 +631,8 @@ def test_warm_stage_refuses_what_it_cannot_train_and_a_resume_in_another_mode(co
         ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
          "--audio-guidance", "1"],
         ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
+         "--audio-guidance", "0.5", "--lip-reading-weight", "0.1"],
+        ["train", "--stage", "warm-guidance", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}",
          "--audio-guidance", "nan"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--preset", "tiny", "--grow-attention", "0"],
         ["train", "--stage", "1", "--data", "{corpus}", "--out", "{tmp}/o", "--init", "{teacher}", "--grow-attention", "1"],
@@ -728,6 +740,66 @@ def test_warm_guidance_stage_teaches_one_pass_what_audio_guidance_gives_in_two(c
     folded = AvatarPipeline.from_pretrained(tmp_path / "run" / "model")
     assert (folded.config.sampler, folded.config.default_steps, folded.config.strength) == ("lcm", 1, 0.5)
     assert emote([*run, "--steps", "2", "--resume", "--audio-guidance", "3"]) == 2
+
+
+def test_warm_guidance_lip_reading_term_reaches_the_backbone_and_its_expert_reads_true_frames_only(corpus, tmp_path):
+    """With --lip-reading-weight, the backbone gets a gradient from the lip reader's reading of the frames it outputs
+    (decoded, then refined if the model has a refiner), the lip reader learns from the true frames alone (what the
+    backbone draws changes nothing it learns), and the run exports it, and refuses a resume without the term."""
+    from avatar.checkpoint import load_training_module
+    from avatar.train.lipsync import LIP_READER_MODULE, MouthExpert
+
+    probe = build_objective("warm-guidance", tiny_student(), audio_guidance=2.0)
+    dataset = open_dataset(corpus, probe.window_frames, probe.audio_context, seed=0, limit_windows=2)
+    batch = default_collate([dataset[0], dataset[1]])
+
+    def gradients(weight: float, backbone_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same new expert every time
+        objective = build_objective("warm-guidance", make_audible(tiny_student()), audio_guidance=2.0,
+                                    lip_reading_weight=weight)
+        # the student draws otherwise; its guided copy, taken before, does not
+        scale_weights(objective.backbone.conv_out, backbone_scale)
+        return loss_gradients(objective, batch)
+
+    plain, term, other_drawing = gradients(0.0), gradients(1.0), gradients(1.0, backbone_scale=0.5)
+    assert plain and all(n.startswith("backbone.") for n in plain)  # weight 0: no expert at all
+    assert any(not torch.allclose(term[n], plain[n]) for n in plain)
+    expert = [n for n in term if n.startswith("expert.")]
+    assert expert and all(torch.equal(term[n], other_drawing[n]) for n in expert)
+    assert set(term) == set(plain) | set(expert)
+
+    # with a portrait refiner the term reads the frames the model outputs: refined, by a refiner that stays fixed
+    from avatar.grow import add_portrait_refiner
+
+    refined = {}
+    for scale in (1.0, 0.5):
+        pipe = add_portrait_refiner(make_audible(tiny_student()), seed=0)
+        with torch.no_grad():  # a refiner that is not the identity it starts as
+            for p in pipe.portrait_refiner.parameters():
+                p.add_(0.05 * scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        torch.manual_seed(0)
+        objective = build_objective("warm-guidance", pipe, audio_guidance=2.0, lip_reading_weight=1.0)
+        refined[scale] = loss_gradients(objective, batch)
+    assert set(refined[1.0]) == set(term)  # nothing of the refiner trains
+    assert any(not torch.allclose(refined[1.0][n], refined[0.5][n]) for n in plain)
+
+    passes = []  # the guided copy's passes per step: at guidance 1 it is the anchor alone, with no silent pass
+    for guidance in (1.0, 2.0):
+        objective = build_objective("warm-guidance", tiny_student(), audio_guidance=guidance, lip_reading_weight=0.1)
+        objective.guided.register_forward_hook(lambda *_: passes.append(guidance))
+        objective(batch, torch.Generator().manual_seed(0))
+    assert passes == [1.0, 2.0, 2.0]
+    with pytest.raises(EmoteError, match="holds the student to itself"):
+        build_objective("warm-guidance", tiny_student(), audio_guidance=1.0)
+
+    make_audible(tiny_student()).save_pretrained(tmp_path / "student")
+    settings = LoopSettings(out=tmp_path / "run", steps=1, batch_size=2, lr=1e-4, save_every=10**6, progress=False)
+    run = partial(train_stage, "warm-guidance", corpus, init=tmp_path / "student", limit_windows=2,
+                  audio_guidance=2.0)
+    run(settings, lip_reading_weight=0.1)
+    assert load_training_module(settings.out / "model", LIP_READER_MODULE, MouthExpert) is not None
+    with pytest.raises(EmoteError, match="lip_reading_weight 0.1 now None"):
+        run(replace(settings, steps=2, resume=True))
 
 
 def test_warm_refiner_stage_grows_an_audio_path_and_trains_it_with_the_lip_reading_term(corpus, tmp_path):

@@ -59,15 +59,15 @@ def register(subparsers) -> None:
     train.add_argument("--expert-warmup", type=int, default=0, metavar="STEPS",
                        help="stage warm: train the mouth expert alone for the first STEPS steps (the student waits), "
                             "so that a run from a model, with a new expert, moves the student once its sync loss "
-                            "reads something; stages vae, decoder, refiner and warm-refiner: their lip reader "
-                            "alone (the network waits)")
+                            "reads something; stages vae, decoder, refiner, warm-refiner and warm-guidance: their "
+                            "lip reader alone (the network waits)")
     train.add_argument("--audio-guidance", type=float, default=None, metavar="G",
                        help="stage warm-guidance (required there): the audio guidance scale to fold into the student, "
                             "so that one backbone pass gives what two give with guidance G")
     train.add_argument("--lip-reading-weight", type=float, default=0.0, metavar="W",
-                       help="stages vae, decoder, refiner and warm-refiner: add W x a lip-reading term: a mouth "
-                            "expert, trained alongside on the true frames, must read the drawn mouths as it reads "
-                            "the true ones (0: none)")
+                       help="stages vae, decoder, refiner, warm-refiner and warm-guidance: add W x a lip-reading "
+                            "term: a mouth expert, trained alongside on the true frames, must read the drawn mouths "
+                            "as it reads the true ones (0: none)")
     train.add_argument("--refiner-channels", type=_widths, default=None, metavar="W0,W1,...",
                        help="stage refiner, on a model without a portrait refiner: its widths, full resolution "
                             "first, one per autoencoder level (default: 16, 24, 32, then 32 per further level)")

@@ -429,10 +429,10 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     `init` model's sampler, and `warm_start` sets what `warm`'s windows start from (`ModelConfig.warm_start`); it
     continues the mouth expert stored with `init` if there is one (a new one, seeded by `settings.seed`, otherwise),
     stores it with each export, and its first `expert_warmup` steps train the expert alone. `lip_reading_weight` > 0
-    adds the lip-reading term (stages vae, decoder, refiner and warm-refiner), whose expert (LIP_READER_MODULE) is
-    kept the same way. Every run exports the experts of `init` that it does not train, unchanged. `oversample`
-    draws the windows of identities with a trait more often (`open_dataset`). Stage `warm-guidance` folds audio
-    guidance of scale `audio_guidance` into a student's one pass."""
+    adds the lip-reading term (stages vae, decoder, refiner, warm-refiner and warm-guidance), whose expert
+    (LIP_READER_MODULE) is kept the same way. Every run exports the experts of `init` that it does not train,
+    unchanged. `oversample` draws the windows of identities with a trait more often (`open_dataset`). Stage
+    `warm-guidance` folds audio guidance of scale `audio_guidance` into a student's one pass."""
     from avatar.checkpoint import load_training_module
     from avatar.grow import add_portrait_refiner, add_refiner_audio, grow_attention
     from avatar.grow import grow_audio_locator as add_audio_locator
@@ -448,7 +448,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     if not 0 <= lip_reading_weight <= 100:  # also refuses nan
         raise EmoteError(f"--lip-reading-weight must be between 0 and 100, got {lip_reading_weight}")
     if lip_reading_weight > 0 and stage not in LIP_READING_STAGES:
-        raise EmoteError("--lip-reading-weight applies to --stage vae, decoder, refiner and warm-refiner only")
+        raise EmoteError("--lip-reading-weight applies to --stage vae, decoder, refiner, warm-refiner and "
+                         "warm-guidance only")
     if portrait_refiner_channels is not None and stage != "refiner":
         raise EmoteError("--refiner-channels applies to --stage refiner only")
     if (audio_guidance is None) != (stage != "warm-guidance"):
@@ -459,8 +460,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
         raise EmoteError("--lip-reading-weight trains the autoencoder, which --freeze vae keeps fixed")
     expert_module = EXPERT_MODULE if stage == "warm" else LIP_READER_MODULE if lip_reading_weight > 0 else None
     if expert_warmup and expert_module is None:
-        raise EmoteError("--expert-warmup applies to --stage warm, or vae, decoder, refiner and warm-refiner with "
-                         "--lip-reading-weight")
+        raise EmoteError("--expert-warmup applies to --stage warm, or vae, decoder, refiner, warm-refiner and "
+                         "warm-guidance with --lip-reading-weight")
     init_dir = resolve_model_dir(init) if init is not None else None
     if init_dir is not None:
         pipe = AvatarPipeline.from_pretrained(init_dir)
@@ -505,6 +506,8 @@ def train_stage(stage: str, data: str | Path, settings: LoopSettings, init: str 
     elif stage == "warm-guidance":
         objective_settings = dict(warm_start=pipe.config.warm_start, strength=pipe.config.strength,
                                   audio_guidance=audio_guidance)
+        if lip_reading_weight > 0:  # (a state from before the term stored neither, and resumes without it)
+            objective_settings.update(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)
     elif lip_reading_weight > 0 or refiner_audio_channels:  # (a state from before the options stored none, and
         # resumes as a plain run)
         objective_settings = dict(lip_reading_weight=lip_reading_weight, expert_warmup=expert_warmup)

@@ -43,7 +43,8 @@ STAGES = ("vae", "decoder", "refiner", "audio", "1", "2", "3", "warm", "warm-ref
 # the stages that need --init
 CONTINUING_STAGES = ("decoder", "refiner", "2", "3", "warm", "warm-refiner", "warm-guidance")
 AUTOENCODER_STAGES = ("vae", "decoder", "refiner")  # VaeObjective's
-LIP_READING_STAGES = (*AUTOENCODER_STAGES, "warm-refiner")  # the stages that may add the lip-reading term
+# the stages that may add the lip-reading term
+LIP_READING_STAGES = (*AUTOENCODER_STAGES, "warm-refiner", "warm-guidance")
 # the trainable networks of a pipeline
 COMPONENTS = ("vae", "reference_net", "backbone", "audio_encoder", "portrait_refiner")
 
@@ -539,5 +540,6 @@ def build_objective(stage: str, pipe, frozen: tuple[str, ...] = (), expert_warmu
     if stage == "warm-guidance":
         from .warm import AudioGuidanceObjective
 
-        return AudioGuidanceObjective(pipe, stage, frozen, audio_guidance=audio_guidance)
+        return AudioGuidanceObjective(pipe, stage, frozen, audio_guidance=audio_guidance,
+                                      lip_reading_weight=lip_reading_weight, expert=expert, expert_warmup=expert_warmup)
     raise EmoteError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")

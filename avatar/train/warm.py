@@ -121,6 +121,17 @@ class WarmStartObjective(PipelineModules):
         )
         return self.first_step(latent, m, cond, generator, noise).to(latent.dtype)
 
+    def refined(self, batch: dict, reference, latents: torch.Tensor, decoded: torch.Tensor,
+                cond: BackboneConditions) -> torch.Tensor:
+        """The window's (B*F) latents and their decodings through the model's PortraitRefiner, as the pipeline
+        refines them: with the window's portrait and, for a refiner that hears audio, each frame's audio context."""
+        res = self.cfg.resolution
+        with torch.no_grad():
+            portrait = images_from_uint8(batch["reference"], res).to(decoded.device)
+            portrait_decoded = vae_ops.decode(self.vae, reference[0].to(next(self.vae.parameters()).dtype))
+        audio = cond.audio.flatten(0, 1) if self.portrait_refiner.hears_audio else None
+        return self.refine_frames(latents, decoded, portrait, reference[0], portrait_decoded, audio, cond.face_mask)
+
     def expert_loss(self, batch: dict, x0: torch.Tensor) -> torch.Tensor:
         """The expert's error on the window's true frames (latents `x0`) as the autoencoder reconstructs them, the
         look the student's frames have at best."""
@@ -187,13 +198,8 @@ class WarmRefinerObjective(LipReadingTerm, WarmStartObjective):
             motion = self.own_motion_frames(batch, reference, generator, noise)
             x0, cond, start = self.video_conditions(batch, generator, motion_latents=motion, reference=reference)
             denoised = self.first_step(start, x0.shape[1], cond, generator, noise).flatten(0, 1)
-            dtype = next(self.vae.parameters()).dtype
-            decoded = vae_ops.decode(self.vae, denoised.to(dtype))
-            portrait = images_from_uint8(batch["reference"], res).to(decoded.device)
-            portrait_decoded = vae_ops.decode(self.vae, reference[0].to(dtype))
-        audio = cond.audio.flatten(0, 1) if self.portrait_refiner.hears_audio else None
-        refined = self.refine_frames(denoised, decoded, portrait, reference[0], portrait_decoded, audio,
-                                     cond.face_mask)
+            decoded = vae_ops.decode(self.vae, denoised.to(next(self.vae.parameters()).dtype))
+        refined = self.refined(batch, reference, denoised, decoded, cond)
         error = refined - truth.to(refined.device)
         weights = lip_weights(batch["face_box"][:, m:], res).flatten(0, 1).to(refined.device)
         loss = weighted_mean(error.abs() + error.square(), weights)
@@ -202,35 +208,52 @@ class WarmRefinerObjective(LipReadingTerm, WarmStartObjective):
         return loss + self.lip_reading_weight * self.lip_reading(refined, boxes, true_reading) + expert_loss
 
 
-class AudioGuidanceObjective(WarmStartObjective):
+class AudioGuidanceObjective(LipReadingTerm, WarmStartObjective):
     """Stage `warm-guidance`: fold audio guidance into a 1-step student. Sampled with guidance g, the student's step
     is e_silent + g (e_full - e_silent), where e_silent hears no audio: two backbone passes. This stage trains the
     backbone to give that in one, on the inputs it samples from (built as the `warm` stage builds them), against a
     frozen copy of itself with guidance: a self-distillation with no regression onto the true frames, which pull
-    an uncertain mouth towards the average one (docs/training.md, item 1)."""
+    an uncertain mouth towards the average one (docs/training.md, item 1). With `lip_reading_weight` > 0, the
+    lip-reading term (`LipReadingTerm`) on the frames the student outputs (decoded, then refined by its portrait
+    refiner if it has one, whose weights stay fixed): guidance scales what the backbone draws for the audio, which
+    inside a beard is little; the term asks for the mouth the expert reads in the true frame. At guidance 1 the copy
+    is the student as it was, and holds it there everywhere the term does not move it."""
 
-    uses_expert = False
+    uses_expert = False  # the warm stage's sync loss; the lip-reading term brings its own expert
 
     def __init__(self, pipe, stage: str = "warm-guidance", frozen: tuple[str, ...] = (),
-                 audio_guidance: float | None = None):
-        if audio_guidance is None or not 1 < audio_guidance <= 20:  # also refuses nan
-            raise EmoteError(f"--audio-guidance must be above 1 (1 is the student as it is) and at most 20, "
-                             f"got {audio_guidance}")
+                 audio_guidance: float | None = None, lip_reading_weight: float = 0.0,
+                 expert: MouthExpert | None = None, expert_warmup: int = 0):
+        if audio_guidance is None or not 1 <= audio_guidance <= 20:  # also refuses nan
+            raise EmoteError(f"--audio-guidance must be between 1 and 20, got {audio_guidance}")
+        if audio_guidance == 1 and not lip_reading_weight > 0:
+            raise EmoteError("--audio-guidance 1 folds nothing in: it holds the student to itself, beside a "
+                             "--lip-reading-weight W > 0")
         super().__init__(pipe, stage, frozen)
         self.audio_guidance = audio_guidance
         self.guided = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.add_lip_reader(lip_reading_weight, expert, expert_warmup)
 
     def guided_step(self, noisy: torch.Tensor, t: torch.Tensor, cond: BackboneConditions) -> torch.Tensor:
         """The frozen copy's first step with audio guidance (guidance is affine in the model's output, so it can be
         applied to the denoised latents)."""
-        silent = BackboneConditions(**{**cond.__dict__, "audio": torch.zeros_like(cond.audio)})
         with torch.no_grad():
             full = consistency_output(self.guided, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
+            if self.audio_guidance == 1:  # the copy as it is: an anchor for the lip-reading term
+                return full
+            silent = BackboneConditions(**{**cond.__dict__, "audio": torch.zeros_like(cond.audio)})
             heard_nothing = consistency_output(self.guided, noisy, t, silent, self.alphas_cumprod,
                                                self.cfg.prediction_type)
         return heard_nothing + self.audio_guidance * (full - heard_nothing)
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        m, res = self.cfg.motion_frames, self.cfg.resolution
+        if self.expert is not None:
+            truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(self.alphas_cumprod.device)
+            boxes = batch["face_box"][:, m:].flatten(0, 1)
+            true_reading, expert_loss = self.read_true_lips(truth, boxes, batch["params"][:, m:].flatten(0, 1))
+            if self.expert_only:  # --expert-warmup: the student is not run
+                return expert_loss
         reference = self.reference_features(batch)
         noise = self.shared_noise(reference[0], generator)
         motion = self.own_motion_frames(batch, reference, generator, noise)
@@ -238,4 +261,11 @@ class AudioGuidanceObjective(WarmStartObjective):
         noisy, t = self.first_input(start, x0.shape[1], generator, noise)
         target = self.guided_step(noisy, t, cond).float()
         denoised = consistency_output(self.backbone, noisy, t, cond, self.alphas_cumprod, self.cfg.prediction_type)
-        return weighted_mean(pseudo_huber(denoised, target), self.window_lip_weights(batch, x0))
+        loss = weighted_mean(pseudo_huber(denoised, target), self.window_lip_weights(batch, x0))
+        if self.expert is None:
+            return loss
+        latents = denoised.flatten(0, 1)
+        drawn = vae_ops.decode(self.vae, latents.to(next(self.vae.parameters()).dtype)).float()
+        if self.portrait_refiner is not None:  # the frames the model outputs (the refiner's weights stay fixed)
+            drawn = self.refined(batch, reference, latents, drawn, cond)
+        return loss + self.lip_reading_weight * self.lip_reading(drawn, boxes, true_reading) + expert_loss
