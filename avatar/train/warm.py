@@ -121,6 +121,14 @@ class WarmStartObjective(PipelineModules):
         )
         return self.first_step(latent, m, cond, generator, noise).to(latent.dtype)
 
+    def new_frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window's frames after its motion frames, flattened to (B*F, ...): as images, their face boxes and
+        their corpus parameters."""
+        m = self.cfg.motion_frames
+        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), self.cfg.resolution)
+        return (truth.to(self.alphas_cumprod.device), batch["face_box"][:, m:].flatten(0, 1),
+                batch["params"][:, m:].flatten(0, 1))
+
     def refined(self, batch: dict, reference, latents: torch.Tensor, decoded: torch.Tensor,
                 cond: BackboneConditions) -> torch.Tensor:
         """The window's (B*F) latents and their decodings through the model's PortraitRefiner, as the pipeline
@@ -186,10 +194,9 @@ class WarmRefinerObjective(LipReadingTerm, WarmStartObjective):
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         m, res = self.cfg.motion_frames, self.cfg.resolution
-        truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(self.alphas_cumprod.device)
-        boxes = batch["face_box"][:, m:].flatten(0, 1)
+        truth, boxes, params = self.new_frames(batch)
         if self.expert is not None:
-            true_reading, expert_loss = self.read_true_lips(truth, boxes, batch["params"][:, m:].flatten(0, 1))
+            true_reading, expert_loss = self.read_true_lips(truth, boxes, params)
             if self.expert_only:  # --expert-warmup: the student is not run
                 return expert_loss
         with torch.no_grad():
@@ -247,11 +254,9 @@ class AudioGuidanceObjective(LipReadingTerm, WarmStartObjective):
         return heard_nothing + self.audio_guidance * (full - heard_nothing)
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        m, res = self.cfg.motion_frames, self.cfg.resolution
         if self.expert is not None:
-            truth = images_from_uint8(batch["frames"][:, m:].flatten(0, 1), res).to(self.alphas_cumprod.device)
-            boxes = batch["face_box"][:, m:].flatten(0, 1)
-            true_reading, expert_loss = self.read_true_lips(truth, boxes, batch["params"][:, m:].flatten(0, 1))
+            truth, boxes, params = self.new_frames(batch)
+            true_reading, expert_loss = self.read_true_lips(truth, boxes, params)
             if self.expert_only:  # --expert-warmup: the student is not run
                 return expert_loss
         reference = self.reference_features(batch)
