@@ -64,16 +64,21 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, components: dict[str, An
             **(extra or {}),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        publish_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_directory(tmp: Path, path: Path) -> None:
+    """Move the finished directory `tmp` to `path` (a sibling), replacing any old one by renames only."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def read_index(path: str | Path) -> dict[str, Any]:

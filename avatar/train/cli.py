@@ -1,4 +1,5 @@
-"""`emote train` (the EMO stages) and `emote distill` (consistency distillation). Heavy imports live in the handlers."""
+"""`emote train` (the EMO stages), `emote distill` (consistency distillation) and `emote merge` (task vectors).
+Heavy imports live in the handlers."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +91,16 @@ def register(subparsers) -> None:
     distill.add_argument("--student", type=Path, default=None,
                          help="start the student from this model's backbone (default: the teacher's)")
     distill.set_defaults(func=run_distill)
+
+    merge = subparsers.add_parser("merge", help="task-vector arithmetic: a copy of --base whose backbone (or "
+                                                "--component) is base + the sum of SCALE * (TO - FROM)")
+    merge.add_argument("--base", type=Path, required=True, help="the model the result is a copy of")
+    merge.add_argument("--add", nargs=3, action="append", required=True, metavar=("SCALE", "FROM", "TO"),
+                       help="add SCALE times the change from model FROM to model TO (repeatable)")
+    merge.add_argument("--component", action="append", default=None,
+                       help="the component to merge (repeatable; default: backbone)")
+    merge.add_argument("--out", type=Path, required=True, help="the new model directory")
+    merge.set_defaults(func=run_merge)
 
 
 def loop_settings(args: argparse.Namespace, ema_decay: float = 0.999):
@@ -193,4 +204,18 @@ def run_distill(args: argparse.Namespace) -> int:
                      skip=args.skip, guidance=args.guidance, limit_windows=args.limit_windows,
                      strength=args.strength, student=args.student)
     _report(result)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    terms = []
+    for scale, src, dst in args.add:
+        try:
+            terms.append((float(scale), Path(src), Path(dst)))
+        except ValueError:
+            raise EmoteError(f"--add SCALE must be a number, got {scale!r}") from None
+    from .merge import merge_task_vectors
+
+    out = merge_task_vectors(args.base, terms, args.out, components=tuple(args.component or ("backbone",)))
+    print(json.dumps({"model": str(out), "terms": len(terms)}))
     return 0
