@@ -32,9 +32,9 @@ EVAL_SSIM_FLOOR = 0.88
 EVAL_DRIFT_CEILING = 2.0  # `--drift-seconds 30`: checkpoint 0.26 (previous students 0.20, 0.21, 0.16, 0.15, 0.13, 0.27,
 # 0.37, 0.31, 0.31, 0.32, 0.36, 0.34, 0.50, 3.85); windows must not accumulate
 # lip-sync r, `emote eval --clips 2`: checkpoint 0.44, offset 0 (previous students 0.40, 0.43, 0.37, 0.38, 0.45,
-# 0.44, 0.45, 0.48, 0.38, 0.39, 0.52, 0.56; 0.14 before the lip-sync training, ~0 for a model that ignores the audio); 0.80 on 31
-# clips of the training corpus's held-out split. Both clips are of bearded identities, the model's weakest case, and two
-# clips move r by ±0.1 between checkpoints of one run, hence the margin.
+# 0.44, 0.45, 0.48, 0.38, 0.39, 0.52, 0.56; 0.14 before the lip-sync training, ~0 for a model that ignores the
+# audio); 0.80 on 31 clips of the training corpus's held-out split. Both clips are of bearded identities, the
+# model's weakest case, and two clips move r by ±0.1 between checkpoints of one run, hence the margin.
 EVAL_LIP_SYNC_FLOOR = 0.3
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from avatar.checkpoint import INDEX_FILE, WEIGHTS_FILE, publish_directory, read_index
