@@ -94,3 +94,15 @@ def with_portrait_refiner(pipe, seed: int = 0):
         for p in refined.portrait_refiner.conv_out.parameters():
             p.copy_(0.1 * torch.randn(p.shape, generator=generator))
     return refined
+
+
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """`emote ARGS` in this process: its exit code (argparse's too), stdout and stderr."""
+    from server.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

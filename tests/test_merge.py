@@ -11,16 +11,7 @@ from safetensors.torch import load_file
 
 from avatar.checkpoint import WEIGHTS_FILE
 from avatar.pipeline import AvatarPipeline
-from server.cli import main
-
-
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import speech_like, write_wav
-from server.cli import main
+from conftest import run_cli, speech_like, write_wav
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def probe(path: Path) -> tuple[int, float, int, bool]:
