@@ -16,7 +16,8 @@ from avatar.errors import EmoteError
 from avatar.grow import grow_attention, grow_audio_locator
 from avatar.pipeline import AvatarPipeline
 from avatar.train.distill import ConsistencyDistillation, distill
-from avatar.train.loop import EMA, LoopSettings, as_teacher, lr_factor, open_dataset, run_loop, train_stage
+from avatar.train.loop import (EMA, LoopSettings, as_teacher, cpu_emulates_bf16, lr_factor, open_dataset, run_loop,
+                              train_stage)
 from avatar.train.stages import FAST_LR_SCALE, build_objective
 from conftest import make_audible
 from server.cli import main as emote
@@ -926,3 +927,25 @@ def test_resume_with_another_architecture_is_a_clear_error(corpus, tmp_path, cap
     assert emote([*common, "--steps", "3", "--resume"]) == 2  # the first run grew attention, this one does not
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--grow-attention" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("avx2, avx512_bf16, amx_tile, emulated", [
+    (True, False, False, True),  # e.g. an AMD EPYC with AVX2 only
+    (True, True, False, False), (True, False, True, False),
+    (False, False, False, False),  # not x86: torch's x86 probes say nothing
+])
+def test_cpu_without_native_bf16_is_recognised(monkeypatch, avx2, avx512_bf16, amx_tile, emulated):
+    for feature, present in (("avx2", avx2), ("avx512_bf16", avx512_bf16), ("amx_tile", amx_tile)):
+        monkeypatch.setattr(torch.cpu, f"_is_{feature}_supported", lambda present=present: present)
+    assert cpu_emulates_bf16() is emulated
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_training_warns_where_the_cpu_emulates_it(corpus, tmp_path, capsys, monkeypatch, emulated):
+    monkeypatch.setattr("avatar.train.loop.cpu_emulates_bf16", lambda: emulated)
+    init = tmp_path / "init"
+    AvatarPipeline.from_config("tiny", seed=0).save_pretrained(init)
+    settings = LoopSettings(out=tmp_path / "run", steps=1, batch_size=1, save_every=10**6, progress=False,
+                            mixed_precision="bf16")
+    assert train_stage("2", corpus, settings, init=init, limit_windows=1).step == 1
+    assert ("bf16 is emulated" in capsys.readouterr().err) is emulated

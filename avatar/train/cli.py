@@ -21,7 +21,8 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int, lr: float, bat
     parser.add_argument("--batch-size", type=int, default=batch_size, help="windows per process per micro-batch")
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="bf16 pays on a GPU or a CPU with AMX or AVX-512 BF16 (elsewhere it is emulated, slower)")
     parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/state")
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--log-every", type=int, default=10)
