@@ -249,15 +249,16 @@ def run_loop(
                              + "); resume with the first run's")
     if s.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise EmoteError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on a CPU")
-    if s.mixed_precision == "bf16" and not torch.cuda.is_available() and cpu_emulates_bf16():
-        print("warning: this CPU has neither AVX-512 BF16 nor AMX, so --mixed-precision bf16 is emulated and about "
-              "10x slower than float32 here; drop the flag on this machine", file=sys.stderr)
 
     accelerator = Accelerator(
         mixed_precision=s.mixed_precision,
         gradient_accumulation_steps=s.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    emulated_bf16 = s.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_emulates_bf16()
+    if emulated_bf16 and accelerator.is_main_process:
+        print("warning: this CPU has neither AVX-512 BF16 nor AMX, so --mixed-precision bf16 is emulated and about "
+              "10x slower than float32 here; drop the flag on this machine", file=sys.stderr)
     torch.manual_seed(s.seed)
 
     # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
