@@ -940,8 +940,19 @@ def test_cpu_without_native_bf16_is_recognised(monkeypatch, avx2, avx512_bf16, a
     assert cpu_emulates_bf16() is emulated
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator: another precision needs it reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("emulated", [True, False])
-def test_bf16_training_warns_where_the_cpu_emulates_it(corpus, tmp_path, capsys, monkeypatch, emulated):
+def test_bf16_training_warns_where_the_cpu_emulates_it(corpus, tmp_path, capsys, monkeypatch, emulated,
+                                                       fresh_accelerate_state):
     monkeypatch.setattr("avatar.train.loop.cpu_emulates_bf16", lambda: emulated)
     init = tmp_path / "init"
     AvatarPipeline.from_config("tiny", seed=0).save_pretrained(init)
