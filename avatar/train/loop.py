@@ -207,7 +207,8 @@ class LoopResult:
 
 def cpu_emulates_bf16() -> bool:
     """True on an x86 CPU without AVX-512 BF16 or AMX: bf16 autocast there is emulated, not faster than float32 but
-    about 10x slower (the `warm-refiner` and `warm-guidance` stages: 57-76 s/step against 6.4, AMD EPYC, 1 thread)."""
+    about 10x slower (the `warm-refiner` and `warm-guidance` stages: 57-76 s/step against 5.1-6.4, AMD EPYC, 1
+    thread)."""
     def has(feature: str) -> bool:  # torch's own CPU probes; private, so a missing one reads as absent
         return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)())
 
@@ -257,8 +258,8 @@ def run_loop(
     )
     emulated_bf16 = s.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_emulates_bf16()
     if emulated_bf16 and accelerator.is_main_process:
-        print("warning: this CPU has neither AVX-512 BF16 nor AMX, so --mixed-precision bf16 is emulated and about "
-              "10x slower than float32 here; drop the flag on this machine", file=sys.stderr)
+        print("emote: warning: this CPU has neither AVX-512 BF16 nor AMX, so --mixed-precision bf16 is emulated "
+              "and about 10x slower than float32 here; drop the flag on this machine", file=sys.stderr)
     torch.manual_seed(s.seed)
 
     # Model, optimizer, LR schedule, EMA. The LR scheduler is stepped by hand once per optimizer step.
