@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng libespeak-ng1 sox ffmpeg libportaudio2 chromium chromium-driver coturn
+APT_PACKAGES := espeak-ng libespeak-ng1 festival festvox-us-slt-hts flite sox ffmpeg libportaudio2 libgl1 libglib2.0-0 \
+  chromium chromium-driver coturn
 
 .PHONY: setup system-deps serve test
 
@@ -18,6 +19,10 @@ setup: system-deps .stamp-venv
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@# Exactly one OpenCV: an older checkout's opencv-python-headless would share cv2/ with opencv-contrib-python.
+	@if $(BIN)/pip show -q opencv-python-headless 2>/dev/null; then \
+	  $(BIN)/pip uninstall -y -q opencv-python-headless && \
+	  $(BIN)/pip install -q --disable-pip-version-check --force-reinstall --no-deps 'opencv-contrib-python>=4.10,<5'; fi
 	touch $@
 
 serve: setup

@@ -31,7 +31,7 @@ from .schedulers import build_scheduler, fresh_scheduler
 from .unet import BackboneConditions, EmoBackbone, ReferenceNet, backbone_kwargs, reference_net_kwargs
 from .vae import build_vae, vae_kwargs
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "default"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "pixel"
 # x0, y0, x1, y1 (normalised) of the face in a face-centred portrait crop: the corpus's framing, which the shipped
 # model was trained on (mean neutral face box of its identities: 0.294, 0.178, 0.706, 0.702).
 DEFAULT_FACE_BOX = (0.3, 0.18, 0.7, 0.7)

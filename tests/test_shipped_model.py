@@ -1,4 +1,4 @@
-"""The shipped default model (avatar/checkpoints/default): it is there, small, trained, renders and is scored.
+"""The shipped default model (avatar/checkpoints/pixel): it is there, small, trained, renders and is scored.
 
 The floors sit below what the committed checkpoint measures (its model card) and far above what the untrained
 `default` preset gives (measured 2026-11-29, in brackets below), so a broken, untrained or replaced checkpoint fails.
@@ -99,4 +99,4 @@ def test_emote_eval_scores_the_bundled_model(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _bundled_model_present():
-    assert (BUNDLED_MODEL_DIR / "model_index.json").is_file(), "no model is bundled in avatar/checkpoints/default"
+    assert (BUNDLED_MODEL_DIR / "model_index.json").is_file(), "no model is bundled in avatar/checkpoints/pixel"

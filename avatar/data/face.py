@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from avatar.motion.spec import MOTION_NAMES
+
 HAIR_STYLES = ("short", "long", "bun", "bald", "curly", "side", "bob")
 NOSE_STYLES = ("button", "long", "wide")
 PATTERNS = ("plain", "stripes", "dots", "vignette", "split")
@@ -175,7 +177,8 @@ class FaceState:
     ty: float = 0.0
 
 
-STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(FaceState))
+STATE_FIELDS: tuple[str, ...] = MOTION_NAMES  # the motion spec (avatar/motion/spec.py) is the one source of names
+assert tuple(f.name for f in fields(FaceState)) == MOTION_NAMES
 
 
 def states_from_array(array: np.ndarray) -> list[FaceState]:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MOUTH_FIELDS = ("mouth_open", "mouth_width", "mouth_round", "teeth", "tongue")
+from avatar.motion.spec import MOUTH_NAMES
+
+MOUTH_FIELDS = MOUTH_NAMES
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av==18.1.0 diffusers==0.42.1
 #   .venv/bin/emote corpus --out .whl/corpus --identities 20 --hours 0.04 --seed 0 --size 128 --workers 2
-#   mv avatar/checkpoints/default avatar/checkpoints/default-teacher /tmp/   # and back after the call
+#   mv avatar/checkpoints/pixel avatar/checkpoints/pixel-teacher /tmp/   # and back after the call
 # For PARTS "corpus" (the corpus written there, in about a tenth of the time on its 16 cores; espeak-ng is not on
 # the device image, and its libpcaudio would need PulseAudio, so a stub stands in for it):
 #   mkdir -p .whl/debs .whl/lib && (cd .whl/debs && apt-get download libespeak-ng1 espeak-ng-data libsonic0)
