@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng libespeak-ng1 festival festvox-us-slt-hts flite sox ffmpeg libportaudio2 libgl1 libglib2.0-0 \
+APT_PACKAGES := espeak-ng libespeak-ng1 festival festvox-us-slt-hts festvox-kallpc16k flite sox ffmpeg libportaudio2 libgl1 libglib2.0-0 \
   chromium chromium-driver coturn
 
 .PHONY: setup system-deps serve test
