@@ -44,8 +44,30 @@ def _seed(value: str) -> int:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (default: the bundled motion model with the photo renderer; "
+                             "avatar/checkpoints/pixel is the pixel EMO model)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+
+def _size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be an integer, got {value!r}") from None
+    if not 256 <= size <= 512:
+        raise argparse.ArgumentTypeError(f"--size must be between 256 and 512, got {size}")
+    return size
+
+
+def _face(value: str) -> int:
+    try:
+        face = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--face must be an integer, got {value!r}") from None
+    if face < 0:
+        raise argparse.ArgumentTypeError(f"--face must be 0 or more, got {face}")
+    return face
 
 
 def register(subparsers) -> None:
@@ -54,10 +76,16 @@ def register(subparsers) -> None:
     render.add_argument("audio", type=Path, help="WAV/MP3/FLAC/OGG/M4A audio")
     render.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
     add_model_options(render)
+    render.add_argument("--size", type=_size, default=512,
+                        help="side of the animated face crop, 256-512 pixels (default 512; the motion model only)")
+    render.add_argument("--full-frame", action="store_true",
+                        help="paste the animated face back into the whole photo (the motion model only)")
+    render.add_argument("--face", type=_face, default=None,
+                        help="which face to animate when the photo has several, 0 = the largest (default)")
     render.add_argument("--steps", type=_steps, default=None, help="sampling steps (default: the model's)")
     render.add_argument("--strength", type=strength_arg, default=None,
-                        help="warm start from the previous frame noised to this fraction of the schedule; 1 starts "
-                             "from pure noise (default: the model's)")
+                        help="pixel model only: warm start from the previous frame noised to this fraction of the "
+                             "schedule; 1 starts from pure noise (default: the model's)")
     render.add_argument("--seed", type=_seed, default=0)
     render.set_defaults(func=run_render)
 
@@ -75,6 +103,7 @@ def add_bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--compile", choices=COMPILE_MODES, default=None,
                        help="torch.compile the backbone first (reduce-overhead: CUDA graphs on a GPU)")
+    bench.add_argument("--size", type=_size, default=512, help="the photo renderer's output side (default 512)")
     bench.add_argument("--json", action="store_true", help="print one JSON line (the default prints it indented)")
 
 
@@ -95,16 +124,57 @@ def load_pipeline(model: Path | None, device: str, dtype_name: str = "float32", 
     return pipe
 
 
+def is_pixel_model(model: Path | None) -> bool:
+    """A `--model DIR` that holds the pixel EMO pipeline (its `model_index.json`) rather than a motion model."""
+    return model is not None and (model / "model_index.json").is_file()
+
+
 def run_render(args: argparse.Namespace) -> int:
-    from .media import crop_square, frame_count, load_audio, load_image, write_video
-    from .portrait import find_face
+    from .media import frame_count, load_audio
 
     if args.output.suffix.lower() != ".mp4":
         raise EmoteError(f"output {args.output} must end in .mp4")
-    image = load_image(args.portrait)
+    if args.model is not None and not args.model.is_dir():
+        raise EmoteError(f"--model {args.model} is not a directory")
     audio = load_audio(args.audio)
     if frame_count(len(audio)) == 0:
         raise EmoteError(f"audio {args.audio} is shorter than one video frame (40 ms)")
+    if is_pixel_model(args.model):
+        return _render_pixel(args, audio)
+    return _render_photo(args, audio)
+
+
+def _render_photo(args: argparse.Namespace, audio) -> int:
+    from .media import load_portrait, write_video
+    from .photo_model import MotionPhotoModel
+
+    if args.strength is not None:
+        raise EmoteError("--strength applies to the pixel model only (--model DIR with a model_index.json)")
+    image = load_portrait(args.portrait)
+    model = MotionPhotoModel.from_pretrained(args.model, size=args.size)
+    avatar = model.prepare_avatar("render", image, face=args.face, name=str(args.portrait))
+    for warning in avatar.state.analysis.warnings:
+        sys.stderr.write(f"emote: warning: {warning}\n")
+    frames = model.render_offline(avatar, audio, seed=args.seed, steps=args.steps or model.spec.default_steps,
+                                  full_frame=args.full_frame)
+    count = write_video(args.output, (_even(frame) for frame in frames), audio=audio)
+    sys.stderr.write(f"wrote {args.output}: {count} frames at 25 fps\n")
+    return 0
+
+
+def _even(frame):
+    """H.264 in yuv420p needs even sides: drop a last odd row or column (full-frame output of odd-sized photos)."""
+    h, w = frame.shape[:2]
+    return frame[: h - h % 2, : w - w % 2]
+
+
+def _render_pixel(args: argparse.Namespace, audio) -> int:
+    from .media import crop_square, load_image, write_video
+    from .portrait import find_face
+
+    if args.full_frame:
+        raise EmoteError("--full-frame needs the photo renderer (the default model), not the pixel model")
+    image = load_image(args.portrait)
     pipe = load_pipeline(args.model, args.device)
     portrait = crop_square(image, find_face(image))
     frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed, strength=args.strength)
@@ -118,6 +188,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise EmoteError("--repeats must be at least 1")
+    if args.preset is None and not is_pixel_model(args.model):
+        from .photo_bench import run_photo_bench
+        from .photo_model import MotionPhotoModel
+
+        if args.model is not None and not args.model.is_dir():
+            raise EmoteError(f"--model {args.model} is not a directory")
+        model = MotionPhotoModel.from_pretrained(args.model, size=args.size)
+        result = run_photo_bench(model, steps=args.steps or model.spec.default_steps, repeats=args.repeats)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     pipe = load_pipeline(args.model, args.device, args.dtype, preset=args.preset)
     result = bench(pipe, steps=args.steps or pipe.default_steps, repeats=args.repeats, strength=args.strength,
                    compile_mode=args.compile)

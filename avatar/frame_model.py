@@ -7,7 +7,7 @@ frames for the motion model, motion latents for the pixel model); it never sees 
 Implementations:
 - `avatar.photo_model.MotionPhotoModel`: the motion backbone + the photo renderer (the default);
 - `avatar.pixel_model.PixelFrameModel`: the pixel EMO pipeline (`--model DIR`);
-- `streaming.testing.SolidColourModel`: a few lines, no torch, for streaming and server tests.
+- `avatar.solid_model.SolidColourModel`: a few lines, no torch, for streaming and server tests.
 """
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ class WindowRequest:
 class WindowResult:
     frames: np.ndarray  # uint8 (F, H, W, 3) RGB
     carry: Any  # state for the session's next window (motion frames, noise); opaque to the engine
+
+
+SIMULATED_SECONDS = "simulated_seconds"  # BatchResult.timings key: a simulated cost the engine waits out on its clock
 
 
 @dataclass

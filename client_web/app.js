@@ -124,7 +124,7 @@ function renderAvatars() {
     img.alt = "";
     img.loading = "lazy";
     const name = document.createElement("span");
-    name.textContent = avatar.name + (avatar.face_detected ? "" : " (no face found)");
+    name.textContent = avatar.name;
     label.append(input, img, name);
     ui.avatars.append(label);
   }
@@ -167,8 +167,7 @@ async function uploadPortrait(event) {
     selectedAvatar = info.id;
     ui.upload.reset();
     await loadAvatars();
-    setStatus(info.face_detected ? `Added “${info.name}”.`
-                                 : `Added “${info.name}”, but no face was found: the whole image is used.`);
+    setStatus(`Added “${info.name}”.`);
   } catch (error) {
     setStatus(error instanceof ApiError ? describeError(error.code, error.message, error.status)
                                         : "The upload failed: cannot reach the server.", "error");
@@ -458,7 +457,15 @@ async function init() {
     return;
   }
   if (config.auth_required) showTokenBox();
+  fitVideoBox();
   await loadAvatars();
+}
+
+// The video box takes the shape of the model's frames (square for the bundled models).
+function fitVideoBox() {
+  if (config.width > 0 && config.height > 0) {
+    ui.video.parentElement.style.aspectRatio = `${config.width} / ${config.height}`;
+  }
 }
 
 ui.start.addEventListener("click", start);

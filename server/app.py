@@ -64,7 +64,8 @@ def error_body(code: str, message: str) -> dict[str, str]:
     return {"error": code, "message": message}
 
 
-def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> FastAPI:
+def create_app(settings: Settings, engine, avatars: AvatarStore) -> FastAPI:
+    spec = engine.spec
     sessions = SessionManager(settings, engine, avatars)
 
     @asynccontextmanager
@@ -131,7 +132,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
         return {"status": "ok", "sessions": len(sessions), "engine_sessions": len(engine.sessions),
                 "model_errors": engine.model_errors,
                 "max_sessions": settings.max_sessions,
-                "model": pipeline.config.preset, "trained": pipeline.trained}
+                "model": spec.name, "width": spec.width, "height": spec.height}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
@@ -146,7 +147,7 @@ def create_app(settings: Settings, pipeline, engine, avatars: AvatarStore) -> Fa
         except ApiError:
             ice_servers = []
         return {"ice_servers": ice_servers,
-                "auth_required": settings.token is not None, "resolution": pipeline.resolution,
+                "auth_required": settings.token is not None, "width": spec.width, "height": spec.height,
                 "max_upload_bytes": settings.max_upload_bytes}
 
     # ---- avatars ------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Avatars: uploaded portraits, cropped to the face, with their reference cache persisted beside them.
+"""Avatars: uploaded portraits, prepared once by the model, persisted with the model's cache.
 
-Layout under `<data_dir>/avatars/<id>/`: `portrait.png` (the model-resolution crop), `reference.safetensors`,
-`avatar.json`. An avatar directory is written whole under a temporary name and renamed into place, so a crash never
-leaves half an avatar. Caches made by another model are recomputed on start-up. The bundled default avatar is
-always there and cannot be deleted. Reference caches of uploaded avatars are kept in a bounded LRU and reloaded
-from disk on demand; uploads are processed one at a time on their own thread, off the event loop.
+Layout under `<data_dir>/avatars/<id>/`: `original` (the uploaded bytes), `portrait.png` (the model's preview at its
+output size), `cache/` (what `FrameModel.prepare_avatar` keeps there) and `avatar.json`. An avatar directory is
+written whole under a temporary name and renamed into place, so a crash or a refused portrait never leaves half an
+avatar. On start-up every stored avatar goes through `prepare_avatar` again, which loads a valid cache and
+recomputes one made by another model. The bundled avatars, `default` (scikit-image's public-domain astronaut photo)
+and `drawn` (our drawn portrait), are always there and cannot be deleted; their caches live under `.builtin/`.
+Prepared avatars are kept in a bounded LRU and reloaded from their caches on demand; uploads are prepared one at a
+time on their own thread, off the event loop.
 """
 from __future__ import annotations
 
@@ -19,23 +22,43 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from avatar.errors import EmoteError
-from avatar.media import crop_square, decode_image, load_image, resize
-from avatar.pipeline import AvatarPipeline
-from avatar.portrait import find_face
-from avatar.reference import ReferenceCache
-from streaming.session import Avatar
+from avatar.frame_model import AvatarHandle, FrameModel
+from avatar.media import decode_image, load_image
 
 DEFAULT_AVATAR_ID = "default"
-DEFAULT_PORTRAIT = Path(__file__).resolve().parents[1] / "avatar" / "assets" / "default_portrait.png"
-AVATAR_ID = re.compile(r"^(default|[0-9a-f]{32})$")
-CACHED_AVATARS = 32  # uploaded avatars whose reference cache and portrait stay in memory
+DRAWN_PORTRAIT = Path(__file__).resolve().parents[1] / "avatar" / "assets" / "default_portrait.png"
+AVATAR_ID = re.compile(r"^(default|drawn|[0-9a-f]{32})$")
+CACHED_AVATARS = 32  # uploaded avatars whose prepared state stays in memory
+MIN_UPLOAD_SIDE = 64
+
+
+def astronaut_photo() -> np.ndarray:
+    """Eileen Collins, NASA portrait (public domain), shipped inside the scikit-image wheel."""
+    from skimage import data
+
+    return np.asarray(data.astronaut(), np.uint8)
+
+
+def drawn_portrait() -> np.ndarray:
+    return load_image(DRAWN_PORTRAIT)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    id: str
+    name: str
+    image: Callable[[], np.ndarray]
+
+
+BUILTINS = (Builtin(DEFAULT_AVATAR_ID, "Astronaut (photo)", astronaut_photo), Builtin("drawn", "Drawn", drawn_portrait))
 
 
 class AvatarNotFound(KeyError):
@@ -47,11 +70,15 @@ class AvatarInfo:
     id: str
     name: str
     created: float
-    face_detected: bool
     builtin: bool = False
 
     def to_json(self) -> dict:
         return {**asdict(self), "portrait_url": f"/api/avatars/{self.id}/portrait.png"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AvatarInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # older files carry face_detected
 
 
 def valid_avatar_id(avatar_id: str) -> bool:
@@ -59,57 +86,48 @@ def valid_avatar_id(avatar_id: str) -> bool:
 
 
 class AvatarStore:
-    def __init__(self, root: Path, pipeline: AvatarPipeline, default_portrait: Path = DEFAULT_PORTRAIT):
+    def __init__(self, root: Path, model: FrameModel, builtins: tuple[Builtin, ...] = BUILTINS):
         self.root = root
-        self.pipeline = pipeline
-        self.default_portrait = default_portrait
+        self.model = model
+        self.builtins = builtins
         self._infos: dict[str, AvatarInfo] = {}
-        self._loaded: OrderedDict[str, Avatar] = OrderedDict()  # LRU; the default avatar is never evicted
-        self._default: Avatar | None = None
-        self._default_png = b""
+        self._loaded: OrderedDict[str, AvatarHandle] = OrderedDict()  # LRU of uploaded avatars
+        self._builtin: dict[str, AvatarHandle] = {}
+        self._builtin_png: dict[str, bytes] = {}
         self._lock = asyncio.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="emote-uploads")
 
     # ---- start-up -----------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load every stored avatar (recomputing caches from another model) and the bundled default."""
+        """Prepare the bundled avatars and every stored one (recomputing caches made by another model)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        self._add_default()
+        for builtin in self.builtins:
+            handle = self.model.prepare_avatar(builtin.id, builtin.image(), self.root / ".builtin" / builtin.id)
+            self._builtin[builtin.id] = handle
+            self._builtin_png[builtin.id] = _png(handle.preview)
+            self._infos[builtin.id] = AvatarInfo(builtin.id, builtin.name, 0.0, builtin=True)
         for directory in sorted(self.root.iterdir()):
-            if directory.is_dir() and valid_avatar_id(directory.name) and directory.name != DEFAULT_AVATAR_ID:
+            if directory.is_dir() and valid_avatar_id(directory.name) and directory.name not in self._builtin:
                 try:
-                    self._load_directory(directory)
-                except (EmoteError, OSError, ValueError, KeyError) as exc:
+                    info = AvatarInfo.from_json(json.loads((directory / "avatar.json").read_text()))
+                    self._remember(self._read_avatar(info.id, refresh_preview=True))
+                except (EmoteError, OSError, ValueError, KeyError, TypeError) as exc:
                     raise EmoteError(f"avatar {directory} is damaged: {exc}") from exc
+                self._infos[info.id] = info
 
-    def _add_default(self) -> None:
-        image = load_image(self.default_portrait)
-        box = find_face(image)
-        portrait = resize(crop_square(image, box), self.pipeline.resolution)
-        self._default = Avatar(DEFAULT_AVATAR_ID, self.pipeline.prepare_reference(portrait), portrait)
-        self._infos[DEFAULT_AVATAR_ID] = AvatarInfo(DEFAULT_AVATAR_ID, "Default", 0.0, box is not None, builtin=True)
-        self._default_png = _png(portrait)
-
-    def _load_directory(self, directory: Path) -> None:
-        """Check a stored avatar at start-up, recomputing its cache if another model made it."""
-        info = AvatarInfo(**json.loads((directory / "avatar.json").read_text()))
-        self._remember(self._read_avatar(info.id))
-        self._infos[info.id] = info
-
-    def _read_avatar(self, avatar_id: str) -> Avatar:
+    def _read_avatar(self, avatar_id: str, refresh_preview: bool = False) -> AvatarHandle:
         directory = self.root / avatar_id
-        portrait = resize(np.asarray(Image.open(directory / "portrait.png").convert("RGB")), self.pipeline.resolution)
-        cache_path = directory / "reference.safetensors"
-        try:
-            cache = ReferenceCache.load(cache_path, expected_model_id=self.pipeline.model_id)
-            cache = cache.to(self.pipeline.device, self.pipeline.dtype)  # safetensors loads onto the CPU
-        except EmoteError:  # made by another model: recompute from the stored crop
-            cache = self.pipeline.prepare_reference(portrait)
-            cache.save(cache_path)
-        return Avatar(avatar_id, cache, portrait)
+        source = directory / "original"
+        if not source.is_file():  # stored before originals were kept: the crop is all there is
+            source = directory / "portrait.png"
+        image = decode_image(source.read_bytes(), f"avatar {avatar_id}")
+        handle = self.model.prepare_avatar(avatar_id, image, directory / "cache")
+        if refresh_preview:  # the model (or its output size) may have changed since the upload
+            _write_atomically(directory / "portrait.png", _png(handle.preview))
+        return handle
 
     # ---- queries ------------------------------------------------------------------------------------------------
 
@@ -121,27 +139,27 @@ class AvatarStore:
             raise AvatarNotFound(avatar_id)
         return self._infos[avatar_id]
 
-    async def streaming_avatar(self, avatar_id: str) -> Avatar:
-        """What the streaming engine needs: the shared, read-only reference cache and the portrait shown before the
-        first frame. Loaded from disk (off the event loop) when it is not among the recently used."""
+    async def streaming_avatar(self, avatar_id: str) -> AvatarHandle:
+        """The prepared avatar the engine needs (shared, read-only). Reloaded from its cache (off the event loop)
+        when it is not among the recently used."""
         self.info(avatar_id)
-        if avatar_id == DEFAULT_AVATAR_ID:
-            return self._default
+        if avatar_id in self._builtin:
+            return self._builtin[avatar_id]
         if avatar_id not in self._loaded:
             avatar = await asyncio.get_running_loop().run_in_executor(self._worker, self._read_avatar, avatar_id)
             self._remember(avatar)
         self._loaded.move_to_end(avatar_id)
         return self._loaded[avatar_id]
 
-    def _remember(self, avatar: Avatar) -> None:
+    def _remember(self, avatar: AvatarHandle) -> None:
         self._loaded[avatar.avatar_id] = avatar
         while len(self._loaded) > CACHED_AVATARS:
             self._loaded.popitem(last=False)
 
     async def portrait_png(self, avatar_id: str) -> bytes:
         self.info(avatar_id)
-        if avatar_id == DEFAULT_AVATAR_ID:
-            return self._default_png
+        if avatar_id in self._builtin_png:
+            return self._builtin_png[avatar_id]
         return await asyncio.get_running_loop().run_in_executor(None, (self.root / avatar_id / "portrait.png").read_bytes)
 
     def __len__(self) -> int:
@@ -153,39 +171,36 @@ class AvatarStore:
     # ---- changes ------------------------------------------------------------------------------------------------
 
     async def create(self, data: bytes, name: str) -> AvatarInfo:
-        """Validate and crop an uploaded image, compute its reference cache once, persist it atomically."""
-        avatar_id = uuid.uuid4().hex
-        # One upload at a time on the store's own thread: decoding a large image, finding the face and the
-        # ReferenceNet stay off the event loop and out of the default executor that aiortc encodes video on.
-        avatar, face_found = await asyncio.get_running_loop().run_in_executor(self._worker, self._prepare, avatar_id, data)
-        info = AvatarInfo(avatar_id, name[:80] or "Avatar", time.time(), face_found)
+        """Decode an upload, let the model prepare it once (its cache persisted), store it atomically. A portrait
+        the model refuses raises its EmoteError, and nothing is written."""
+        info = AvatarInfo(uuid.uuid4().hex, name[:80] or "Avatar", time.time())
+        # One upload at a time on the store's own thread: decoding a large image and the model's analysis stay off
+        # the event loop and out of the default executor that aiortc encodes video on.
         async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self._write, info, avatar)
+            avatar = await asyncio.get_running_loop().run_in_executor(self._worker, self._prepare, info, data)
             self._infos[info.id] = info
             self._remember(avatar)
         return info
 
-    def _prepare(self, avatar_id: str, data: bytes) -> tuple[Avatar, bool]:
+    def _prepare(self, info: AvatarInfo, data: bytes) -> AvatarHandle:
         image = decode_image(data, "upload")
-        if min(image.shape[:2]) < 64:
-            raise EmoteError(f"upload is too small ({image.shape[1]}x{image.shape[0]}); at least 64x64 pixels")
-        box = find_face(image)
-        portrait = resize(crop_square(image, box), self.pipeline.resolution)
-        return Avatar(avatar_id, self.pipeline.prepare_reference(portrait), portrait), box is not None
-
-    def _write(self, info: AvatarInfo, avatar: Avatar) -> None:
+        if min(image.shape[:2]) < MIN_UPLOAD_SIDE:
+            raise EmoteError(f"upload is too small ({image.shape[1]}x{image.shape[0]}); at least "
+                             f"{MIN_UPLOAD_SIDE}x{MIN_UPLOAD_SIDE} pixels")
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
-            Image.fromarray(avatar.portrait).save(tmp / "portrait.png")
-            avatar.reference.save(tmp / "reference.safetensors")
+            (tmp / "original").write_bytes(data)
+            avatar = self.model.prepare_avatar(info.id, image, tmp / "cache")
+            Image.fromarray(avatar.preview).save(tmp / "portrait.png")
             (tmp / "avatar.json").write_text(json.dumps(asdict(info)) + "\n")
             os.replace(tmp, self.root / info.id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return avatar
 
     async def delete(self, avatar_id: str) -> None:
         if self.info(avatar_id).builtin:
-            raise PermissionError("the bundled default avatar cannot be deleted")
+            raise PermissionError(f"the bundled avatar {avatar_id!r} cannot be deleted")
         async with self._lock:
             if avatar_id not in self._infos:  # a concurrent delete won
                 raise AvatarNotFound(avatar_id)
@@ -200,3 +215,14 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "avatar.cli",
     "avatar.data.cli",
     "avatar.eval.cli",
+    "avatar.eval.photo_cli",
     "avatar.train.cli",
     "server.serve",
 )

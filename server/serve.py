@@ -12,7 +12,7 @@ from pathlib import Path
 
 from avatar.errors import EmoteError
 
-from .settings import DEFAULT_DATA_DIR, IceServer, Settings
+from .settings import DEFAULT_DATA_DIR, MAX_SIZE, MIN_SIZE, IceServer, Settings
 
 
 def register(subparsers) -> None:
@@ -34,8 +34,11 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-key", type=Path, default=None)
     serve.add_argument("--log-format", choices=("json", "text"), default="json")
     serve.add_argument("--refine", action="store_true",
-                       help="decode live frames through the model's portrait refiner (sharper; off by default: a "
-                            "2-core CPU cannot afford it in real time)")
+                       help="pixel model (--model DIR): decode live frames through its portrait refiner (sharper; "
+                            "off by default: a 2-core CPU cannot afford it in real time)")
+    serve.add_argument("--size", type=int, default=None, metavar="PX",
+                       help=f"output frame size, {MIN_SIZE}-{MAX_SIZE} (default: the model's; the pixel model has "
+                            "one size only)")
     serve.set_defaults(func=run_serve)
 
 
@@ -55,6 +58,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         refine=args.refine,
+        size=args.size,
     ).validate()
 
 
@@ -104,18 +108,16 @@ def configure_logging(fmt: str) -> dict:
 
 def build_app(settings: Settings):
     """Model, avatars, engine and app, ready for uvicorn (also used by the tests)."""
-    from avatar.cli import load_pipeline
-    from streaming.config import StreamConfig
+    from avatar.models import load_frame_model
     from streaming.engine import StreamingEngine
 
     from .app import create_app
     from .avatars import AvatarStore
 
-    pipeline = load_pipeline(settings.model, settings.device)
-    avatars = AvatarStore(settings.data_dir / "avatars", pipeline)
+    model = load_frame_model(settings.model, settings.device, refine=settings.refine, size=settings.size)
+    avatars = AvatarStore(settings.data_dir / "avatars", model)
     avatars.load()
-    engine = StreamingEngine(pipeline, StreamConfig(refine=settings.refine))
-    return create_app(settings, pipeline, engine, avatars)
+    return create_app(settings, StreamingEngine(model), avatars)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -127,10 +129,13 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EmoteError(f"cannot create --data-dir {settings.data_dir}: {exc}") from exc
+    from avatar.models import use_model_threads
+
+    use_model_threads(settings.device)  # process-wide: once, before the model first runs
     app = build_app(settings)
     scheme = "https" if settings.tls_cert else "http"
     logging.getLogger("emote.server").info(f"serving on {scheme}://{settings.host}:{settings.port}/",
-                                           extra={"model": app.state.engine.pipeline.config.preset})
+                                           extra={"model": app.state.engine.spec.name})
     uvicorn.run(
         app,
         host=settings.host,

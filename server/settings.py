@@ -8,6 +8,7 @@ from pathlib import Path
 from avatar.errors import EmoteError
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "emote-live"
+MIN_SIZE, MAX_SIZE = 256, 512  # --size: output frame size in pixels
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class Settings:
     keyframe_interval: float = 2.0  # seconds between forced keyframes
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    refine: bool = False  # live frames through the model's portrait refiner (StreamConfig.refine)
+    refine: bool = False  # pixel model: live frames through its portrait refiner (PixelFrameModel refine)
+    size: int | None = None  # output frame size for models that support several; None: the model's
     static_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1] / "client_web")
 
     def validate(self) -> "Settings":
@@ -70,6 +72,8 @@ class Settings:
             raise EmoteError(
                 f"binding {self.host} (not loopback) needs --token (or EMOTE_TOKEN); pass --no-auth to serve without one"
             )
+        if self.size is not None and not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise EmoteError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}, got {self.size}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise EmoteError("--tls-cert and --tls-key go together")
         for path in (self.tls_cert, self.tls_key):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import platform
+import sys
 import time
 
 import numpy as np
-import torch
 
 from avatar.config import AUDIO_SAMPLE_RATE
+from avatar.frame_model import FrameModel
 
 from .config import StreamConfig
 from .engine import StreamingEngine
@@ -58,15 +59,15 @@ def to_webrtc_packets(audio16k: np.ndarray) -> list[bytes]:
     return [stereo[i : i + n].tobytes() for i in range(0, len(stereo) - n + 1, n)]
 
 
-async def bench_streaming(pipe, sessions: int, seconds: float, config: StreamConfig, seed: int = 0) -> dict:
-    engine = StreamingEngine(pipe, config)
+async def bench_streaming(model: FrameModel, sessions: int, seconds: float, config: StreamConfig,
+                          seed: int = 0) -> dict:
+    engine = StreamingEngine(model, config)
     await engine.start()
     clock = engine.clock
-    portrait = np.random.default_rng(seed).integers(0, 256, (pipe.resolution, pipe.resolution, 3), dtype=np.uint8)
-    await engine.add_avatar("bench", portrait)
+    engine.register_avatar(model.example_avatar())
     speech = [synthesize_speech(seconds, k) for k in range(sessions)]
     packets = [to_webrtc_packets(audio) for audio, _ in speech]
-    live = [await engine.open_session("bench", seed=seed + k, max_audio_backlog_s=0.5) for k in range(sessions)]
+    live = [await engine.open_session("example", seed=seed + k, max_audio_backlog_s=0.5) for k in range(sessions)]
     first_slot_time = max(s.slot_time(0) for s in live)
     start = first_slot_time
     end = start + seconds
@@ -110,12 +111,11 @@ async def bench_streaming(pipe, sessions: int, seconds: float, config: StreamCon
     cfg = engine.config
     result = {
         "mode": "streaming",
-        "preset": pipe.config.preset,
-        "resolution": pipe.resolution,
-        "device": str(pipe.device),
+        "model": model.spec.name,
+        "width": model.spec.width,
+        "height": model.spec.height,
         "sessions": sessions,
         "seconds": seconds,
-        "refine": cfg.refine,
         "fps": min(p["fresh_fps"] for p in per_session),
         "output_fps": min(p["frames"] / seconds for p in per_session),
         "audio_to_lip_ms": {
@@ -128,21 +128,21 @@ async def bench_streaming(pipe, sessions: int, seconds: float, config: StreamCon
         "cpu_ms_per_frame": 1000 * cpu_s / max(1, total_frames),
         "cpu_utilisation": cpu_s / wall_s,
         "steps": cfg.steps,
-        "strength": cfg.strength,
         "steps_used": metrics.steps_used,
         "frames_per_window": cfg.frames_per_window,
-        "motion_frames": cfg.motion_frames,
         "context_lookahead_frames": cfg.context_lookahead_frames,
         "lead_ms": metrics.lead_ms,
         "stages_ms": {k: {q: v[q] for q in ("p50", "p95")} for k, v in metrics.stages_ms.items()},
         "per_session": per_session,
         "speech_source": speech[0][1] if speech else None,
         "input": "48 kHz stereo s16, 20 ms packets, real-time rate",
-        "threads": torch.get_num_threads(),
+        "model_ms_per_frame": (batch_ms["mean"] or 0) * sum(metrics.batch_sizes.values()) / max(1, total_frames),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": datetime.date.today().isoformat(),
-        "trained": getattr(pipe, "trained", None),
     }
-    if pipe.device.type == "cuda":
-        result["gpu_ms_per_frame"] = (batch_ms["mean"] or 0) * sum(metrics.batch_sizes.values()) / max(1, total_frames)
+    for name in ("strength", "refine"):  # the pixel model's options, where the model has them
+        if hasattr(model, name):
+            result[name] = getattr(model, name)
+    if "torch" in sys.modules:
+        result["threads"] = sys.modules["torch"].get_num_threads()
     return result

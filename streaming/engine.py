@@ -2,8 +2,13 @@
 
 Scheduling. All sessions share one window grid: boundary G is global frame G*F, shown at origin + G*F/25 s. The
 worker forms every session's window for boundary G at `boundary_time(G) - lead`, where lead is the predicted time
-to generate the batch plus a margin, and runs them as one `denoise_windows` call (split by `max_batch`). Forming as
-late as possible uses the most recent audio, which is what bounds audio-to-lip latency.
+to generate the batch plus a margin, and runs them as one `FrameModel.generate` call (split by `max_batch`). Forming
+as late as possible uses the most recent audio, which is what bounds audio-to-lip latency.
+
+The engine sees only `avatar.frame_model`: audio features in, frames and an opaque per-session `carry` out. The cost
+model uses each batch's `step_seconds` (scales with steps) and `fixed_seconds`. A model whose cost is simulated
+(`avatar.solid_model`) reports it as `timings[SIMULATED_SECONDS]`, which the engine waits out on its clock, so that
+virtual-time tests see the cost as time passing while the pacers run.
 
 Behind schedule (documented in docs/streaming.md, counted in metrics):
 1. fewer steps: steps are lowered (down to `min_steps`) when the configured ones cannot be sustained (a batch longer
@@ -21,22 +26,21 @@ import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from avatar.config import VIDEO_FPS
 from avatar.errors import EmoteError
-from avatar.media import resize
+from avatar.frame_model import SIMULATED_SECONDS, AvatarHandle, BatchResult, FrameModel, WindowRequest
 
-from .audio_encoder import streaming_encoder_for
 from .clock import Clock, MonotonicClock
 from .config import StreamConfig
 from .metrics import EngineMetrics, Percentiles
-from .session import Avatar, Session, Window
+from .session import Session, Window
 
 logger = logging.getLogger("emote.engine")
+
 
 PER_SESSION_OPTIONS = {"speech_speed", "idle_speed", "max_buffered_audio_s", "max_audio_backlog_s",
                        "max_consumer_lag_frames"}
@@ -45,20 +49,21 @@ PER_SESSION_OPTIONS = {"speech_speed", "idle_speed", "max_buffered_audio_s", "ma
 class StreamingEngine:
     def __init__(
         self,
-        pipeline,
+        model: FrameModel,
         config: StreamConfig | None = None,
         clock: Clock | None = None,
         threaded: bool = True,
         max_avatars: int = 64,
     ):
-        """`pipeline` is an `avatar.pipeline.AvatarPipeline`. `threaded=False` runs the model inline on the event
-        loop (deterministic tests with a FakeClock); otherwise it runs on one dedicated thread."""
-        self.pipeline = pipeline
-        self.config = (config or StreamConfig()).resolve(pipeline.config)
+        """`model` is any `avatar.frame_model.FrameModel`. `threaded=False` runs the model inline on the event loop
+        (deterministic tests with a FakeClock); otherwise it runs on one dedicated thread."""
+        self.model = model
+        self.spec = model.spec
+        self.config = (config or StreamConfig()).resolve(self.spec)
         self.clock = clock or MonotonicClock()
         self.max_avatars = max_avatars
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="emote-model") if threaded else None
-        self._avatars: OrderedDict[str, Avatar] = OrderedDict()
+        self._avatars: OrderedDict[str, AvatarHandle] = OrderedDict()
         self._sessions: dict[str, Session] = {}
         self._ids = itertools.count()
         self._origin: float | None = None
@@ -66,9 +71,10 @@ class StreamingEngine:
         self._urgent: dict[str, Session] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._cost_step: float | None = None  # seconds per window per step (incl. motion features)
-        self._cost_fixed: float | None = None  # seconds per window: decode
+        self._cost_step: float | None = None  # seconds per window per step
+        self._cost_fixed: float | None = None  # seconds per window: rendering / decoding
         self._cost_form = 0.0  # seconds per window: audio encoding and bookkeeping
+        # "denoise" and "decode" are the model's step and fixed parts (names kept for dashboards)
         self.stages = {name: Percentiles() for name in ("form", "denoise", "decode", "batch", "queue_wait")}
         self.batch_sizes: Counter[int] = Counter()
         self.model_errors = 0
@@ -82,9 +88,6 @@ class StreamingEngine:
 
     async def start(self) -> "StreamingEngine":
         if self._task is None:
-            if self.pipeline.device.type == "cpu":
-                # Process-wide, so set once before the worker runs (changing it under a running model stalls it).
-                torch.set_num_threads(self.config.model_threads)
             if self._cost_step is None:
                 await self._warm_up()
             self._origin = self.clock.now()
@@ -116,66 +119,59 @@ class StreamingEngine:
         self._cost_step, self._cost_fixed = step_seconds, fixed_seconds
 
     async def _warm_up(self) -> None:
-        cfg = self.pipeline.config
-        portrait = np.full((cfg.resolution, cfg.resolution, 3), 128, np.uint8)
-        reference = await self._call(lambda: self.pipeline.prepare_reference(portrait))
-        f, steps = self.config.frames_per_window, self.config.steps
-        from avatar.pipeline import WindowInput
-
-        dim = self.pipeline.audio_encoder.feature_dim
-        window = WindowInput(reference, torch.zeros(f, cfg.audio_tokens_per_frame, dim), torch.zeros(f), None, 0)
-        await self._model([window], steps)
-        step_s, decode_s = [], []
+        f, m, steps = self.config.frames_per_window, self.spec.context_frames, self.config.steps
+        avatar = await self._call(self.model.example_avatar)
+        request = WindowRequest(avatar, np.zeros((f, 2 * m + 1, self.spec.feature_dim), np.float32),
+                                np.zeros(f, bool), np.full(f, self.config.idle_speed, np.float32), None, 0, 0)
+        await self._model([request], steps)
+        step_s, fixed_s = [], []
         for _ in range(3):  # the fastest of three: a busy machine only ever adds time
-            _, _, denoise, decode = await self._model([window], steps)
-            step_s.append(denoise / steps)
-            decode_s.append(decode)
-        self.set_costs(min(step_s), min(decode_s))
+            result = await self._model([request], steps)
+            step_s.append(result.step_seconds / steps)
+            fixed_s.append(result.fixed_seconds)
+        self.set_costs(min(step_s), min(fixed_s))
 
     async def _call(self, fn: Callable):
         if self._executor is None:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def _model(self, inputs, steps: int):
-        """Denoise + decode a batch off the event loop -> (images, latents, denoise s, decode s)."""
-        result = await self._call(lambda: self._run_model(inputs, steps))
-        simulated = getattr(self.pipeline, "take_simulated_seconds", None)
-        if simulated is None:
-            return result
-        images, latents, denoise_s, decode_s = result
-        extra_denoise, extra_decode = simulated()  # a simulated model's cost, waited out on the (fake) clock
-        await self.clock.sleep_until(self.clock.now() + extra_denoise + extra_decode)
-        return images, latents, denoise_s + extra_denoise, decode_s + extra_decode
+    async def _model(self, requests: Sequence[WindowRequest], steps: int) -> BatchResult:
+        """One `generate` call off the event loop; a simulated cost is then waited out on the engine's clock."""
+        result = await self._call(lambda: self.model.generate(requests, steps))
+        if len(result.windows) != len(requests):
+            raise RuntimeError(f"the model returned {len(result.windows)} windows for {len(requests)} requests")
+        simulated = result.timings.get(SIMULATED_SECONDS, 0.0)
+        if simulated:
+            await self.clock.sleep_until(self.clock.now() + simulated)
+        return result
 
     # ---- avatars and sessions ----------------------------------------------------------------------------------
 
-    async def add_avatar(self, avatar_id: str, portrait: np.ndarray, face_box=None) -> Avatar:
-        """Prepare a portrait once (ReferenceNet); later calls with the same id return the cached avatar."""
+    async def add_avatar(self, avatar_id: str, portrait: np.ndarray) -> AvatarHandle:
+        """Prepare a portrait once (`FrameModel.prepare_avatar`, off the event loop); later calls with the same id
+        return the cached avatar."""
         if avatar_id in self._avatars:
             self._avatars.move_to_end(avatar_id)
             return self._avatars[avatar_id]
-        reference = await self._call(lambda: self.pipeline.prepare_reference(portrait, face_box))
-        avatar = Avatar(avatar_id, reference, np.array(resize(portrait, self.pipeline.config.resolution)))
-        self._avatars[avatar_id] = avatar
-        self._evict_avatars()
-        return avatar
+        avatar = await self._call(lambda: self.model.prepare_avatar(avatar_id, portrait))
+        return self.register_avatar(avatar)
 
-    def register_avatar(self, avatar: Avatar) -> Avatar:
-        """Register an avatar whose ReferenceCache was computed (or loaded from disk) elsewhere, e.g. by the server."""
+    def register_avatar(self, avatar: AvatarHandle) -> AvatarHandle:
+        """Register an avatar prepared (or loaded from its cache) elsewhere, e.g. by the server's avatar store."""
         self._avatars[avatar.avatar_id] = avatar
         self._avatars.move_to_end(avatar.avatar_id)
         self._evict_avatars()
         return avatar
 
-    def avatar(self, avatar_id: str) -> Avatar:
+    def avatar(self, avatar_id: str) -> AvatarHandle:
         try:
             return self._avatars[avatar_id]
         except KeyError:
             raise EmoteError(f"unknown avatar {avatar_id!r}") from None
 
     def remove_avatar(self, avatar_id: str) -> None:
-        """Forget an avatar; sessions already using it keep their (shared) reference until they close."""
+        """Forget an avatar; sessions already using it keep their (shared) handle until they close."""
         self._avatars.pop(avatar_id, None)
 
     def _evict_avatars(self) -> None:
@@ -196,12 +192,11 @@ class StreamingEngine:
         session_id = session_id or f"s{next(self._ids)}"
         if session_id in self._sessions:
             raise EmoteError(f"session {session_id!r} already exists")
-        config = replace(self.config, **options).resolve(self.pipeline.config)
+        config = replace(self.config, **options).resolve(self.spec)
         boundary = max(self._next_boundary, self._first_formable_boundary())
         session = Session(
-            self, session_id, self.avatar(avatar_id), streaming_encoder_for(self.pipeline.audio_encoder), config,
-            self.pipeline.config.audio_context_frames, self.clock, self._origin,
-            boundary * self.config.frames_per_window, seed,
+            self, session_id, self.avatar(avatar_id), self.model.new_audio_encoder(), config,
+            self.spec.context_frames, self.clock, self._origin, boundary * self.config.frames_per_window, seed,
         )
         self._sessions[session_id] = session
         self._wake.set()
@@ -284,7 +279,7 @@ class StreamingEngine:
             return
         for session in due:  # a session that fell behind the grid (it cannot normally) catches up by skipping
             while session._g0 + session.next_window_slot < start:
-                session.deliver(session.form_window(self.clock.now(), skip=True), None, None)
+                session.deliver(session.form_window(self.clock.now(), skip=True), None)
         now = self.clock.now()
         first_due = self.boundary_time(boundary)
         steps = self._steps_for(first_due - now, len(due))
@@ -293,7 +288,7 @@ class StreamingEngine:
         self._observe_form((self.clock.now() - now) / len(due))
         if skip:
             for w in windows:
-                w.session.deliver(w, None, None)
+                w.session.deliver(w, None)
             # Skipped windows measure nothing; relax the estimate so a pessimistic one (one slow outlier) is
             # re-tested within a few windows instead of skipping forever.
             self._cost_step *= 0.7
@@ -336,39 +331,27 @@ class StreamingEngine:
             for w in batch:
                 self.stages["queue_wait"].add(start - w.formed_at)
             try:
-                images, latents, denoise_s, decode_s = await self._model([w.inputs for w in batch], steps)
+                result = await self._model([w.request for w in batch], steps)
             except Exception:  # one bad batch must not stop every session: its windows are skipped, held frames fill
                 logger.exception("model call failed; skipping %d window(s)", len(batch))
                 self.model_errors += 1
                 for w in batch:
                     w.session.counters.skipped_windows += 1
-                    w.session.deliver(w, None, None)
+                    w.session.deliver(w, None)
                 continue
-            self.stages["denoise"].add(denoise_s)
-            self.stages["decode"].add(decode_s)
-            self.stages["batch"].add(denoise_s + decode_s)
+            self.stages["denoise"].add(result.step_seconds)
+            self.stages["decode"].add(result.fixed_seconds)
+            self.stages["batch"].add(result.step_seconds + result.fixed_seconds)
             self.batch_sizes[len(batch)] += 1
             self.steps_used[steps] += len(batch)
-            self._observe(len(batch), steps, denoise_s, decode_s)
-            for j, w in enumerate(batch):
-                w.session.deliver(w, images[j], latents[j])
+            self._observe(len(batch), steps, result.step_seconds, result.fixed_seconds)
+            for w, out in zip(batch, result.windows):
+                w.session.deliver(w, out.frames, out.carry)
 
-    def _run_model(self, inputs, steps: int):
-        # Durations on the engine's clock: wall time in production, virtual time (a simulated model) in tests.
-        t0 = self.clock.now()
-        latents = self.pipeline.denoise_windows(inputs, steps=steps, strength=self.config.strength)
-        t1 = self.clock.now()
-        b, f = latents.shape[:2]
-        references = [w.reference for w in inputs for _ in range(f)]
-        audio = torch.cat([w.audio for w in inputs]) if self.config.refine else None  # what a refiner may hear
-        images = self.pipeline.decode(latents.flatten(0, 1), references, refine=self.config.refine, audio=audio)
-        images = images.reshape(b, f, *images.shape[1:])
-        return images, latents.cpu(), t1 - t0, self.clock.now() - t1
-
-    def _observe(self, windows: int, steps: int, denoise_s: float, decode_s: float) -> None:
+    def _observe(self, windows: int, steps: int, step_s: float, fixed_s: float) -> None:
         """Cost model: rises at once on a slow batch, decays slowly, so the lead covers recent worst cases."""
-        self._cost_step = _rise_fast(self._cost_step, denoise_s / (windows * steps))
-        self._cost_fixed = _rise_fast(self._cost_fixed, decode_s / windows)
+        self._cost_step = _rise_fast(self._cost_step, step_s / (windows * steps))
+        self._cost_fixed = _rise_fast(self._cost_fixed, fixed_s / windows)
 
     def _observe_form(self, seconds: float) -> None:
         self.stages["form"].add(seconds)

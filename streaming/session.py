@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from avatar.config import AUDIO_SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS
-from avatar.pipeline import WindowInput
-from avatar.reference import ReferenceCache
+from avatar.frame_model import AvatarHandle, StreamingAudioEncoder, WindowRequest
 
-from .audio_encoder import StreamingAudioEncoder
 from .audio_input import AudioInput
 from .clock import Clock
 from .config import StreamConfig
@@ -37,15 +34,6 @@ SILENCE_RMS = 0.003  # about -50 dBFS: quiet enough to drop while catching up
 
 if TYPE_CHECKING:
     from .engine import StreamingEngine
-
-
-@dataclass(frozen=True)
-class Avatar:
-    """A portrait prepared once and shared read-only by all its sessions."""
-
-    avatar_id: str
-    reference: ReferenceCache
-    portrait: np.ndarray  # uint8 (R, R, 3) at the model resolution: shown until the first frame is generated
 
 
 @dataclass(frozen=True)
@@ -83,11 +71,11 @@ class _StreamState:
     audio: np.ndarray  # stream samples [audio_base, fed)
     arrival: np.ndarray  # per sample arrival time, NaN for inserted silence
     audio_base: int
-    features: torch.Tensor  # features of frames [feature_base, feature_base + n)
+    features: np.ndarray  # float32 (n, D): features of frames [feature_base, feature_base + n)
     feature_base: int
     ends: tuple[int, ...]  # stream indices just after an utterance's last sample
     encoder: object
-    motion: torch.Tensor | None
+    carry: object  # the model's state after the last generated window (None before the first)
 
 
 @dataclass
@@ -95,7 +83,7 @@ class Window:
     session: "Session"
     first_slot: int
     index: int
-    inputs: WindowInput | None  # None for a skipped window
+    request: WindowRequest | None  # None for a skipped window
     formed_at: float
     restore: _StreamState  # stream state before this window was formed (barge-in re-forms from here)
     cancelled: bool = False
@@ -106,7 +94,7 @@ class Session:
         self,
         engine: "StreamingEngine",
         session_id: str,
-        avatar: Avatar,
+        avatar: AvatarHandle,
         encoder: StreamingAudioEncoder,
         config: StreamConfig,
         audio_context_frames: int,
@@ -129,15 +117,15 @@ class Session:
         self._speech_ends: deque[int] = deque()  # positions in the pushed-speech count where an utterance ended
         self._stream = _StreamState(
             fed=0, audio=np.zeros(0, np.float32), arrival=np.zeros(0), audio_base=0,
-            features=torch.zeros(0, encoder.feature_dim), feature_base=0, ends=(), encoder=encoder.snapshot(),
-            motion=None,
+            features=np.zeros((0, encoder.feature_dim), np.float32), feature_base=0, ends=(),
+            encoder=encoder.snapshot(), carry=None,
         )
         self._next_form = 0  # first slot of the next window to form
         self._windows: deque[Window] = deque()  # formed, not fully emitted
         self._slots: dict[int, _Slot] = {}
         self._frames: dict[int, np.ndarray] = {}
         self._next_slot = 0
-        self._last_image = avatar.portrait
+        self._last_image = avatar.preview
         self._started_at: float | None = None
         self._closed = False
         self._playout = asyncio.Event()
@@ -281,9 +269,9 @@ class Session:
         self._feed_until(SAMPLES_PER_FRAME * (k0 + f + c) + self._encoder.lookahead_samples)
         s = self._stream
         last = k0 + f - 1 + c
-        index = torch.tensor([[min(max(t + j, 0), last) for j in range(-m, m + 1)] for t in range(k0, k0 + f)])
+        index = np.array([[min(max(t + j, 0), last) for j in range(-m, m + 1)] for t in range(k0, k0 + f)])
         audio = s.features[index - s.feature_base]
-        speeds = []
+        speeds, speaking = [], []
         for t in range(k0, k0 + f):
             lo, hi = SAMPLES_PER_FRAME * t - s.audio_base, SAMPLES_PER_FRAME * (t + 1) - s.audio_base
             arrival = s.arrival[lo:hi]
@@ -291,23 +279,24 @@ class Session:
             ends = any(SAMPLES_PER_FRAME * t < e <= SAMPLES_PER_FRAME * (t + 1) for e in s.ends)
             self._slots[t] = _Slot(s.audio[lo:hi], bool(speech.size), float(speech[0]) if speech.size else None, ends)
             speeds.append(cfg.speech_speed if speech.size else cfg.idle_speed)
+            speaking.append(bool(speech.size))
         keep_audio = SAMPLES_PER_FRAME * (k0 + f) - s.audio_base
         keep_features = max(0, k0 + f - m - s.feature_base)
         self._stream = _StreamState(
             fed=s.fed, audio=s.audio[keep_audio:], arrival=s.arrival[keep_audio:],
             audio_base=SAMPLES_PER_FRAME * (k0 + f), features=s.features[keep_features:],
             feature_base=s.feature_base + keep_features,
-            ends=tuple(e for e in s.ends if e > SAMPLES_PER_FRAME * (k0 + f)), encoder=s.encoder, motion=s.motion,
+            ends=tuple(e for e in s.ends if e > SAMPLES_PER_FRAME * (k0 + f)), encoder=s.encoder, carry=s.carry,
         )
-        inputs = None
+        request = None
         if skip:
             self.counters.skipped_windows += 1
         else:
-            inputs = WindowInput(
-                reference=self.avatar.reference, audio=audio, speed=torch.tensor(speeds, dtype=torch.float32),
-                motion_latents=s.motion, seed=self.engine.pipeline.window_seed(self.seed, k0 // f),
+            request = WindowRequest(
+                avatar=self.avatar, audio=audio, speaking=np.array(speaking, bool),
+                speed=np.array(speeds, np.float32), carry=s.carry, seed=self.seed, index=k0 // f,
             )
-        window = Window(self, k0, k0 // f, inputs, now, before)
+        window = Window(self, k0, k0 // f, request, now, before)
         self._windows.append(window)
         self._next_form = k0 + f
         self.counters.windows += 1
@@ -340,11 +329,11 @@ class Session:
         ends = list(s.ends)
         while self._speech_ends and self._speech_ends[0] <= self._speech_taken:
             ends.append(speech_at + self._speech_ends.popleft() - taken_before)
-        features = self._encoder.push(torch.from_numpy(samples))
+        features = np.asarray(self._encoder.push(samples), np.float32).reshape(-1, s.features.shape[1])
         self._stream = _StreamState(
             fed=s.fed + need, audio=np.concatenate([s.audio, samples]), arrival=np.concatenate([s.arrival, arrivals]),
-            audio_base=s.audio_base, features=torch.cat([s.features, features]), feature_base=s.feature_base,
-            ends=tuple(ends), encoder=self._encoder.snapshot(), motion=s.motion,
+            audio_base=s.audio_base, features=np.concatenate([s.features, features]), feature_base=s.feature_base,
+            ends=tuple(ends), encoder=self._encoder.snapshot(), carry=s.carry,
         )
 
     def _mute_stream(self) -> None:
@@ -352,7 +341,7 @@ class Session:
         self._encoder.restore(s.encoder)
         self._stream = _StreamState(
             fed=s.fed, audio=np.zeros_like(s.audio), arrival=np.full(s.arrival.shape, np.nan), audio_base=s.audio_base,
-            features=s.features, feature_base=s.feature_base, ends=(), encoder=s.encoder, motion=s.motion,
+            features=s.features, feature_base=s.feature_base, ends=(), encoder=s.encoder, carry=s.carry,
         )
 
     def _mark_end(self, end: int) -> None:
@@ -362,17 +351,12 @@ class Session:
         elif end > self._stream.audio_base:
             self._stream = _StreamState(**{**self._stream.__dict__, "ends": self._stream.ends + (end,)})
 
-    def deliver(self, window: Window, images: np.ndarray | None, latents: torch.Tensor | None) -> None:
-        """Frames of a generated window (or None for a skipped one)."""
+    def deliver(self, window: Window, images: np.ndarray | None, carry: object = None) -> None:
+        """Frames of a generated window and the model's carry for the next one (None, None for a skipped one)."""
         if window.cancelled or self._closed:
             return
-        if latents is not None:
-            m = self.config.motion_frames
-            previous = self._stream.motion
-            if latents.shape[0] < m:  # windows shorter than the motion context: keep earlier frames too
-                base = previous if previous is not None else latents[:1].expand(m, -1, -1, -1)
-                latents = torch.cat([base, latents])
-            self._stream = _StreamState(**{**self._stream.__dict__, "motion": latents[-m:].clone()})
+        if images is not None:
+            self._stream = _StreamState(**{**self._stream.__dict__, "carry": carry})
         if images is None:
             return
         for i, image in enumerate(images):

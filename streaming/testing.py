@@ -1,73 +1,51 @@
-"""Test doubles for the streaming engine, usable by transport tests too: a simulated-cost pipeline wrapper, a fast
-stub pipeline and a fake PortAudio input stream. (`FakeClock` lives in clock.py.)"""
+"""Test doubles for the streaming engine, usable by transport and server tests too: `SolidColourModel` (a FrameModel
+in a few lines of numpy, no torch), `SimulatedCost` (gives any FrameModel a simulated cost and records its calls)
+and a fake PortAudio input stream. (`FakeClock` lives in clock.py.)"""
 from __future__ import annotations
 
 import threading
 from collections import deque
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import torch
+
+from avatar.frame_model import SIMULATED_SECONDS, AvatarHandle, BatchResult, FrameModel, WindowRequest, WindowResult
+from avatar.solid_model import RmsEncoder, SolidColourModel
+
+__all__ = ["FakeInputStream", "RmsEncoder", "SimulatedCost", "SolidColourModel"]
 
 
+class SimulatedCost:
+    """Wraps any FrameModel: its real time is not counted; instead each batch costs `seconds_per_step` per window per
+    step plus `fixed_seconds_per_frame`, waited out on the engine's clock. Records the latest requests, results and
+    (batch size, steps) calls, bounded."""
 
-class SimulatedPipeline:
-    """Wraps a real pipeline: each denoise/decode call owes a simulated cost, which the engine then waits out on its
-    clock (`take_simulated_seconds`) while the pacers keep running, as they would beside a model thread. The latest
-    windows, seeds and latents are recorded (bounded)."""
-
-    def __init__(self, pipeline, seconds_per_step: float = 0.0, decode_seconds_per_frame: float = 0.0,
+    def __init__(self, model: FrameModel, seconds_per_step: float = 0.0, fixed_seconds_per_frame: float = 0.0,
                  record: int = 64):
-        self.inner = pipeline
-        self.seconds_per_step, self.decode_seconds_per_frame = seconds_per_step, decode_seconds_per_frame
-        self.calls: deque[tuple[int, int]] = deque(maxlen=record)  # (batch size, steps)
-        self.latents: deque[tuple[int, torch.Tensor]] = deque(maxlen=record)  # (seed, latents)
-        self.windows: deque = deque(maxlen=record)
-        self._owed = [0.0, 0.0]
+        self.inner, self.spec = model, model.spec
+        self.seconds_per_step, self.fixed_seconds_per_frame = seconds_per_step, fixed_seconds_per_frame
+        self.calls: deque[tuple[int, int]] = deque(maxlen=record)
+        self.requests: deque[WindowRequest] = deque(maxlen=record)
+        self.results: deque[WindowResult] = deque(maxlen=record)
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
+        return self.inner.prepare_avatar(avatar_id, portrait, cache_dir)
 
-    def take_simulated_seconds(self) -> tuple[float, float]:
-        """(denoise, decode) seconds owed since the last call."""
-        owed, self._owed = tuple(self._owed), [0.0, 0.0]
-        return owed
+    def example_avatar(self) -> AvatarHandle:
+        return self.inner.example_avatar()
 
-    def _record(self, windows, steps) -> None:
-        self._owed[0] += self.seconds_per_step * steps * len(windows)
-        self.calls.append((len(windows), steps))
-        self.windows.extend(windows)
+    def new_audio_encoder(self):
+        return self.inner.new_audio_encoder()
 
-    def denoise_windows(self, windows, steps=None, **kwargs):
-        steps = steps or self.inner.default_steps
-        out = self.inner.denoise_windows(windows, steps=steps, **kwargs)
-        self._record(windows, steps)
-        for w, latents in zip(windows, out):
-            self.latents.append((w.seed, latents.clone()))
-        return out
-
-    def decode(self, latents, references, refine=True, audio=None):
-        self._owed[1] += self.decode_seconds_per_frame * latents.shape[0]
-        return self.inner.decode(latents, references, refine=refine, audio=audio)
-
-
-class StubPipeline(SimulatedPipeline):
-    """No network: latents are zeros whose first value is the window's seed (mod 1000); decoding paints each frame
-    with it. Microseconds per window, for long simulated runs."""
-
-    def denoise_windows(self, windows, steps=None, **kwargs):
-        cfg = self.inner.config
-        shape = (len(windows), windows[0].audio.shape[0], cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        out = torch.zeros(shape)
-        for i, w in enumerate(windows):
-            out[i, :, 0, 0, 0] = w.seed % 1000
-        self._record(windows, steps or self.inner.default_steps)
-        return out
-
-    def decode(self, latents, references, refine=True, audio=None):
-        self._owed[1] += self.decode_seconds_per_frame * latents.shape[0]
-        r = self.inner.config.resolution
-        values = (latents[:, 0, 0, 0].numpy() % 256).astype(np.uint8)
-        return np.broadcast_to(values[:, None, None, None], (latents.shape[0], r, r, 3)).copy()
+    def generate(self, requests: Sequence[WindowRequest], steps: int) -> BatchResult:
+        result = self.inner.generate(requests, steps)
+        self.calls.append((len(requests), steps))
+        self.requests.extend(requests)
+        self.results.extend(result.windows)
+        step_s = self.seconds_per_step * steps * len(requests)
+        fixed_s = self.fixed_seconds_per_frame * sum(len(r.speaking) for r in requests)
+        return BatchResult(result.windows, step_s, fixed_s, {**result.timings, SIMULATED_SECONDS: step_s + fixed_s})
 
 
 class FakeInputStream:

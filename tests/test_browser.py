@@ -1,5 +1,5 @@
 """The browser client end to end: Debian's Chromium (driven by Playwright) with a fake microphone that plays a
-spoken WAV, against a real `emote serve` running the tiny model on loopback."""
+spoken WAV, against a real `emote serve` running the solid-colour test model (256x256 frames) on loopback."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import speech_like, write_wav
-from server_fixtures import get_json, running_server
+from server_fixtures import get_json, make_test_model, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -41,11 +41,14 @@ def speech_wav(path: Path) -> Path:
     return write_wav(path, speech_like(3.0))
 
 
+FRAME_SIZE = 256
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir):
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-server")
     # One slot: the second page in test_server_full must be turned away.
-    with running_server(tmp_path_factory.mktemp("browser-server"), "--max-sessions", "1",
-                        model=tiny_model_dir) as (base_url, _):
+    with running_server(tmp, "--max-sessions", "1", model=make_test_model(tmp / "model", FRAME_SIZE)) as (base_url, _):
         yield base_url
 
 
@@ -132,7 +135,10 @@ def test_start_plays_the_avatar(open_page):
     page.wait_for_timeout(3000)
     last, decoded_last = page.evaluate(VIDEO_PROGRESS), page.evaluate(FRAMES_DECODED)
 
-    assert last["width"] > 0 and last["height"] > 0
+    assert (last["width"], last["height"]) == (FRAME_SIZE, FRAME_SIZE)  # the model's spec, as /api/config says
+    box = page.evaluate("(() => { const r = document.querySelector('.video-box').getBoundingClientRect(); "
+                        "return r.width / r.height; })()")
+    assert abs(box - 1) < 0.01
     assert last["time"] > first["time"] + 1.0, (first, last)
     assert last["frames"] >= 15, f"only {last['frames']} frames painted in 3 s"
     assert decoded_last - decoded_first >= 15, (decoded_first, decoded_last)

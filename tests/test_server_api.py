@@ -12,20 +12,21 @@ import pytest
 import websockets
 from PIL import Image
 
-from server_fixtures import REPO_ROOT, make_tiny_model, running_server, start_server, stop_server
+from server_fixtures import (REPO_ROOT, TEST_MODEL_SIZE, make_test_model, make_tiny_model, running_server,
+                             start_server, stop_server)
 
 TOKEN = "s3cret-token-for-tests-0123"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+def test_model(tmp_path_factory):
+    return make_test_model(tmp_path_factory.mktemp("model") / "solid")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model):
+def server(tmp_path_factory, test_model):
     tmp = tmp_path_factory.mktemp("api-server")
-    base_url, process = start_server(tmp, model=tiny_model)
+    base_url, process = start_server(tmp, model=test_model)
     yield base_url
     stop_server(process)
     log = (tmp / "server.log").read_text()
@@ -56,13 +57,18 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
 
 # ---- avatars ----------------------------------------------------------------------------------------------------
 
-def test_default_avatar_is_always_there(client):
+def test_bundled_avatars_are_always_there_at_the_models_size(client):
     avatars = client.get("/api/avatars").json()
-    assert avatars[0]["id"] == "default" and avatars[0]["builtin"]
-    portrait = client.get("/api/avatars/default/portrait.png")
-    assert portrait.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(portrait.content)).size == (32, 32)
-    assert_error(client.delete("/api/avatars/default"), 409, "builtin_avatar")
+    assert [(a["id"], a["builtin"]) for a in avatars] == [("default", True), ("drawn", True)]
+    for avatar_id in ("default", "drawn"):
+        portrait = client.get(f"/api/avatars/{avatar_id}/portrait.png")
+        assert portrait.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(portrait.content)).size == (TEST_MODEL_SIZE, TEST_MODEL_SIZE)
+        assert_error(client.delete(f"/api/avatars/{avatar_id}"), 409, "builtin_avatar")
+    config = client.get("/api/config").json()
+    assert (config["width"], config["height"]) == (TEST_MODEL_SIZE, TEST_MODEL_SIZE)
+    health = client.get("/healthz").json()
+    assert (health["model"], health["width"]) == ("solid-colour", TEST_MODEL_SIZE)
 
 
 @pytest.mark.parametrize("avatar_id", ["nope", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "a" * 32, "default/../x"])
@@ -86,11 +92,13 @@ def test_upload_validates_images(client):
     assert_error(client.post("/api/avatars", files={"image": ("big.png", huge, "image/png")}), 413, "too_large")
     assert_error(client.post("/api/avatars", files={"other": ("x.png", png_bytes(), "image/png")}), 400, "bad_upload")
     assert_error(client.post("/api/avatars", json={"image": "x"}), 415, "unsupported_media_type")
-    assert len(client.get("/api/avatars").json()) == 1, "nothing was persisted by failed uploads"
+    assert len(client.get("/api/avatars").json()) == 2, "nothing was persisted by failed uploads"
 
 
-def test_avatar_lifecycle_survives_restart(tmp_path, tiny_model):
-    with running_server(tmp_path, model=tiny_model) as (base_url, _):
+def test_avatar_lifecycle_survives_restart_and_a_model_change(tmp_path, test_model):
+    """Uploaded with one model, the avatar's cache is recomputed at start-up by another (the tiny pixel model),
+    and its portrait comes back at the new model's size."""
+    with running_server(tmp_path, model=test_model) as (base_url, _):
         with httpx.Client(base_url=base_url, timeout=30) as c:
             created = c.post("/api/avatars", files={"image": ("me.png", png_bytes(), "image/png")}, data={"name": "Me"})
             assert created.status_code == 201, created.text
@@ -99,11 +107,16 @@ def test_avatar_lifecycle_survives_restart(tmp_path, tiny_model):
             assert info["name"] == "Me" and len(info["id"]) == 32
             assert c.get(f"/api/avatars/{info['id']}").json() == info
     avatar_dir = tmp_path / "data" / "avatars" / info["id"]
-    assert {p.name for p in avatar_dir.iterdir()} == {"portrait.png", "reference.safetensors", "avatar.json"}
-    assert not [p for p in avatar_dir.parent.iterdir() if p.name.startswith(".")]
-    with running_server(tmp_path, model=tiny_model) as (base_url, _):
+    assert {p.name for p in avatar_dir.iterdir()} == {"original", "portrait.png", "cache", "avatar.json"}
+    assert (avatar_dir / "original").read_bytes() == png_bytes()
+    assert [p.name for p in (avatar_dir / "cache").iterdir()] == ["analysis.json"]
+    assert not [p for p in avatar_dir.parent.iterdir() if p.name.startswith(".") and p.name != ".builtin"]
+    with running_server(tmp_path, model=make_tiny_model(tmp_path / "tiny")) as (base_url, _):
         with httpx.Client(base_url=base_url, timeout=30) as c:
             assert info["id"] in [a["id"] for a in c.get("/api/avatars").json()]
+            assert (avatar_dir / "cache" / "reference.safetensors").is_file()
+            portrait = c.get(f"/api/avatars/{info['id']}/portrait.png").content
+            assert Image.open(io.BytesIO(portrait)).size == (32, 32)
             assert c.delete(f"/api/avatars/{info['id']}").status_code == 204
             assert_error(c.get(f"/api/avatars/{info['id']}"), 404, "unknown_avatar")
     assert not avatar_dir.exists()
@@ -211,9 +224,9 @@ def test_metrics_are_prometheus_text(client):
 
 # ---- auth and settings ------------------------------------------------------------------------------------------
 
-async def test_token_is_required_when_set_and_never_logged(tmp_path, tiny_model):
+async def test_token_is_required_when_set_and_never_logged(tmp_path, test_model):
     turn = "turn:alice:turn-secret@turn.example.com:3478"
-    with running_server(tmp_path, "--token", TOKEN, "--ice-server", turn, model=tiny_model) as (base_url, _):
+    with running_server(tmp_path, "--token", TOKEN, "--ice-server", turn, model=test_model) as (base_url, _):
         with httpx.Client(base_url=base_url) as c:
             assert c.get("/healthz").status_code == 200  # health checks need no token
             assert_error(c.get("/api/avatars"), 401, "unauthorized")
@@ -241,6 +254,7 @@ async def test_token_is_required_when_set_and_never_logged(tmp_path, tiny_model)
     (["--ice-server", "http://x"], "--ice-server"),
     (["--token", "short"], "at least 16 characters"),
     (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "does not exist"),
+    (["--size", "100"], "--size must be between 256 and 512"),
 ])
 def test_serve_rejects_bad_options_with_exit_2(args, message):
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO_ROOT,

@@ -1,4 +1,5 @@
-"""A real aiortc peer against a real `emote serve` on loopback: WHIP sessions in mic and presenter mode."""
+"""A real aiortc peer against a real `emote serve` on loopback: WHIP sessions in mic and presenter mode. The server
+runs the solid-colour test model; two tests stream the tiny pixel model and the default model."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
 from conftest import speech_like, write_wav
-from server_fixtures import running_server
+from server_fixtures import DEFAULT_MODEL, TEST_MODEL_SIZE, make_tiny_model, running_server, skip_without_default_model
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,40 @@ def loudness(frame) -> float:
     return float(np.sqrt(np.mean(samples**2)) / 32768)
 
 
+async def mic_frames(base_url: str, tmp_path, seconds: float, avatar: str = "default") -> list:
+    """Frames a mic session sends back while speech plays into it, after the connection settles."""
+    wav = write_wav(tmp_path / "speech.wav", np.tile(speech_like(2.0), 7))
+    player = MediaPlayer(str(wav))
+    pc = RTCPeerConnection()
+    pc.addTrack(player.audio)
+    pc.addTransceiver("video", direction="recvonly")
+    video = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda track: track.kind == "video" and video.set_result(track))
+    location, _ = await whip(base_url, pc, avatar=avatar, mode="mic")
+    try:
+        track = await asyncio.wait_for(video, 30)
+        await collect(track, 2.0)
+        return await collect(track, seconds)
+    finally:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            await client.delete(location)
+        await pc.close()
+        player.audio.stop()
+
+
+async def test_the_pixel_model_streams_over_webrtc(tmp_path):
+    with running_server(tmp_path, model=make_tiny_model(tmp_path / "tiny")) as (base_url, _):
+        frames = await mic_frames(base_url, tmp_path, 3.0)
+    assert len(frames) >= 50 and {(f.width, f.height) for _, f in frames} == {(32, 32)}
+
+
+async def test_the_default_model_streams_512_frames_over_webrtc(tmp_path):
+    skip_without_default_model()
+    with running_server(tmp_path, model=DEFAULT_MODEL) as (base_url, _):
+        frames = await mic_frames(base_url, tmp_path, 3.0)
+    assert len(frames) >= 50 and {(f.width, f.height) for _, f in frames} == {(512, 512)}
+
+
 async def test_mic_session_streams_25_fps_and_tears_down(server, tmp_path):
     wav = write_wav(tmp_path / "speech.wav", np.tile(speech_like(2.0), 7))
     player = MediaPlayer(str(wav))
@@ -100,7 +135,7 @@ async def test_mic_session_streams_25_fps_and_tears_down(server, tmp_path):
     frames = await collect(track, 10.0)
     fps = (len(frames) - 1) / (frames[-1][0] - frames[0][0])
     assert fps >= 24, f"received {len(frames)} frames: {fps:.1f} fps"
-    assert {(f.width, f.height) for _, f in frames} == {(32, 32)}  # the tiny model's frame size
+    assert {(f.width, f.height) for _, f in frames} == {(TEST_MODEL_SIZE, TEST_MODEL_SIZE)}  # the model's size
     pts = [f.pts for _, f in frames]
     assert all(b - a == 3600 for a, b in zip(pts, pts[1:])), "frames are stamped 1/25 s apart on the 90 kHz clock"
 
@@ -282,7 +317,7 @@ async def test_h264_is_negotiated_when_the_peer_prefers_it(server):
     location, response = await whip(server, pc, mode="presenter")
     assert "H264/90000" in response.text and "VP8/90000" not in response.text
     frames = await collect(await asyncio.wait_for(video, 10), 3.0)
-    assert len(frames) > 40 and frames[-1][1].width == 32
+    assert len(frames) > 40 and frames[-1][1].width == TEST_MODEL_SIZE
     async with httpx.AsyncClient(base_url=server) as client:
         await client.delete(location)
     await pc.close()

@@ -35,26 +35,89 @@ def test_settings_for_aiortc_and_loopback_rules():
         Settings(tls_cert=Path("/x")).validate()
 
 
-def test_serve_refine_reaches_the_streaming_engine(tiny_pipe, tiny_model_dir, tmp_path):
-    """`emote serve --refine` decodes live frames through the model's portrait refiner, and needs a model with one;
-    without the flag live frames skip it."""
+def app_for(tmp_path: Path, *argv: str, model: Path):
     import argparse
 
-    from conftest import with_portrait_refiner
     from server.serve import build_app, register, settings_from_args
 
-    with_portrait_refiner(tiny_pipe).save_pretrained(tmp_path / "refined")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv, "--model", str(model), "--data-dir", str(tmp_path / "data")])
+    return build_app(settings_from_args(args))
 
-    def app_for(*argv: str, model) -> object:
-        args = parser.parse_args(["serve", *argv, "--model", str(model), "--data-dir", str(tmp_path / "data")])
-        return build_app(settings_from_args(args))
 
-    assert app_for(model=tmp_path / "refined").state.engine.config.refine is False
-    assert app_for("--refine", model=tmp_path / "refined").state.engine.config.refine is True
+def test_serve_refine_reaches_the_pixel_model(tiny_pipe, tiny_model_dir, tmp_path):
+    """`emote serve --refine` decodes live frames through the pixel model's portrait refiner, and needs a model
+    with one; without the flag live frames skip it."""
+    from conftest import with_portrait_refiner
+
+    with_portrait_refiner(tiny_pipe).save_pretrained(tmp_path / "refined")
+    assert app_for(tmp_path, model=tmp_path / "refined").state.engine.model.refine is False
+    assert app_for(tmp_path, "--refine", model=tmp_path / "refined").state.engine.model.refine is True
     with pytest.raises(EmoteError, match="refine needs a model with a portrait refiner"):
-        app_for("--refine", model=tiny_model_dir)
+        app_for(tmp_path, "--refine", model=tiny_model_dir)
+
+
+def test_serve_size_reaches_a_model_that_takes_it_and_is_refused_by_one_that_does_not(tiny_model_dir, tmp_path):
+    from server_fixtures import make_test_model
+
+    app = app_for(tmp_path, "--size", "320", model=make_test_model(tmp_path / "solid"))
+    assert (app.state.engine.spec.width, app.state.engine.spec.height) == (320, 320)
+    with pytest.raises(EmoteError, match="renders 32x32 only"):
+        app_for(tmp_path, "--size", "256", model=tiny_model_dir)
+    with pytest.raises(EmoteError, match="not a model directory"):
+        app_for(tmp_path, model=tmp_path)
+
+
+def png(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_avatar_store_prepares_once_refuses_atomically_and_recomputes_caches_of_another_model(tmp_path):
+    import numpy as np
+
+    from server.avatars import AvatarStore
+    from streaming.testing import SolidColourModel
+
+    class Counting(SolidColourModel):
+        prepared: list = []
+
+        def prepare_avatar(self, avatar_id, portrait, cache_dir=None):
+            Counting.prepared.append(avatar_id)
+            return super().prepare_avatar(avatar_id, portrait, cache_dir)
+
+    store = AvatarStore(tmp_path / "avatars", Counting(min_side=100))
+    store.load()
+    assert [(i.id, i.builtin) for i in store.list()] == [("default", True), ("drawn", True)]
+    default = await store.streaming_avatar("default")
+    assert default.preview.shape == (64, 64, 3) and default.state["model"] == "solid-colour"
+    with pytest.raises(PermissionError):
+        await store.delete("drawn")
+
+    with pytest.raises(EmoteError, match="at least 100x100"):  # the model's own message
+        await store.create(png(np.zeros((80, 90, 3), np.uint8)), "small")
+    assert len(store) == 2 and sorted(p.name for p in (tmp_path / "avatars").iterdir()) == [".builtin"]
+
+    info = await store.create(png(np.full((120, 100, 3), 200, np.uint8)), "grey")
+    Counting.prepared.clear()
+    assert (await store.streaming_avatar(info.id)).preview.shape == (64, 64, 3)
+    assert Counting.prepared == [], "a recently used avatar is not prepared again"
+    store.close()
+
+    cache = tmp_path / "avatars" / info.id / "cache" / "analysis.json"
+    assert '"solid-colour"' in cache.read_text()
+    other = AvatarStore(tmp_path / "avatars", SolidColourModel(width=96, height=96, name="other-model"))
+    other.load()  # another model: every cache is recomputed, every stored preview follows the new size
+    assert '"other-model"' in cache.read_text()
+    portrait = await other.portrait_png(info.id)
+    assert portrait[16:24] == (96).to_bytes(4, "big") + (96).to_bytes(4, "big")  # the PNG's IHDR width, height
+    other.close()
 
 
 def test_json_logs_carry_extra_fields_and_hide_tokens():

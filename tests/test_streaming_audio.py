@@ -5,7 +5,7 @@ import torch
 
 from avatar.audio import MelAudioEncoder, Wav2Vec2AudioEncoder, mel_encoder_kwargs
 from avatar.config import get_preset
-from streaming.audio_encoder import StreamingMelEncoder, StreamingWav2Vec2Encoder
+from avatar.audio_stream import StreamingMelEncoder, StreamingWav2Vec2Encoder
 from streaming.audio_input import AudioInput
 
 

@@ -6,23 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.pipeline import AvatarPipeline
 from server.cli import main
 from streaming.clock import FakeClock
 from streaming.config import StreamConfig
 from streaming.engine import StreamingEngine
 from streaming.kiosk import KioskAudioSource
-from streaming.testing import FakeInputStream, StubPipeline
+from streaming.testing import FakeInputStream, SolidColourModel
 
 
 async def test_kiosk_feeds_microphone_blocks_into_the_session():
     clock = FakeClock()
-    pipe = StubPipeline(AvatarPipeline.from_config("tiny", seed=0, trained=False))
 
     async def body():
-        engine = StreamingEngine(pipe, StreamConfig(), clock=clock, threaded=False)
+        engine = StreamingEngine(SolidColourModel(), StreamConfig(), clock=clock, threaded=False)
         await engine.start()
-        await engine.add_avatar("a", np.zeros((32, 32, 3), np.uint8))
+        await engine.add_avatar("a", np.zeros((64, 64, 3), np.uint8))
         session = await engine.open_session("a")
         source = KioskAudioSource(session, sample_rate=48000, channels=2, max_queued_blocks=4,
                                   stream_factory=FakeInputStream)
@@ -69,3 +67,4 @@ def test_bench_streaming_prints_one_json_line(capsys):
         assert key in result
     assert set(result["audio_to_lip_ms"]) >= {"p50", "p95"}
     assert result["sessions"] == 2 and result["output_fps"] == pytest.approx(25, abs=1.5)
+    assert (result["model"], result["width"], result["height"]) == ("pixel-tiny", 32, 32)

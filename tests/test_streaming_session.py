@@ -1,40 +1,27 @@
 """Streaming sessions on a FakeClock, with the model inline (deterministic): pacing, idle, barge-in, bounds,
-batching, input formats, end of speech and the behind-schedule policy."""
+batching, input formats, end of speech and the behind-schedule policy. The engine runs `SolidColourModel` (no torch),
+whose frames encode (window, frame, seed, speaking); tests/test_streaming_pixel.py streams the pixel model."""
 import asyncio
-import functools
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 
-from avatar.config import VIDEO_FPS
+from avatar.config import SAMPLES_PER_FRAME, VIDEO_FPS
 from avatar.errors import EmoteError
-from avatar.pipeline import AvatarPipeline
 from streaming.clock import FakeClock
 from streaming.config import StreamConfig
 from streaming.engine import StreamingEngine
-from streaming.testing import SimulatedPipeline, StubPipeline
+from streaming.testing import SimulatedCost, SolidColourModel
 
-F = 4  # the tiny preset's window
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a busy 2-core machine they lose ~10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@functools.cache
-def tiny() -> AvatarPipeline:
-    return AvatarPipeline.from_config("tiny", seed=0, trained=False)
+F = 4  # SolidColourModel's window
+decode = SolidColourModel.decode
 
 
 def portrait(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
 
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
@@ -44,13 +31,13 @@ def speech(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.3 * voiced + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def engine_for(pipe, clock, **config) -> StreamingEngine:
-    return StreamingEngine(pipe, StreamConfig(**config), clock=clock, threaded=False)
+def engine_for(model, clock, **config) -> StreamingEngine:
+    return StreamingEngine(model, StreamConfig(**config), clock=clock, threaded=False)
 
 
-async def started_engine(pipe, clock, **config) -> StreamingEngine:
+async def started_engine(model, clock, **config) -> StreamingEngine:
     """A started engine with avatar "a" registered."""
-    engine = engine_for(pipe, clock, **config)
+    engine = engine_for(model, clock, **config)
     await engine.start()
     await engine.add_avatar("a", portrait())
     return engine
@@ -72,13 +59,13 @@ async def collect(session, count):
     return frames
 
 
-async def test_timestamps_exact_and_frame_count_over_simulated_minutes():
+async def test_timestamps_exact_frames_in_order_and_lips_in_sync_over_simulated_minutes():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
+    model = SolidColourModel()
 
     async def body():
-        engine = await started_engine(pipe, clock)
-        session = await engine.open_session("a")
+        engine = await started_engine(model, clock)
+        session = await engine.open_session("a", seed=5)
         t0 = session.slot_time(0)
         talk = speech(3.0)
 
@@ -92,8 +79,11 @@ async def test_timestamps_exact_and_frame_count_over_simulated_minutes():
             assert frame.index == n - (n - frame.index)  # sanity: index is an int frame number
             assert clock.now() == pytest.approx(t0 + frame.index / VIDEO_FPS, abs=1e-9)
             assert frame.pts(90_000) == frame.index * 3600
-            assert frame.image.shape == (32, 32, 3) and frame.audio.shape == (640,)
+            assert frame.image.shape == (64, 64, 3) and frame.audio.shape == (640,)
             assert not frame.held
+            # the frame generated for this slot, from this slot's audio: window, frame in window, seed, speaking
+            assert decode(frame.image) == ((frame.index // F) % 256, frame.index % F, 5, frame.speaking)
+            assert frame.speaking == bool(frame.audio.any())
             speaking += frame.speaking
             if frame.index == n - 1:
                 break
@@ -113,59 +103,89 @@ def test_slot_times_do_not_drift_over_an_hour():
     assert origin + (g0 + hour) / VIDEO_FPS - (origin + g0 / VIDEO_FPS) == pytest.approx(3600.0, abs=1e-6)
 
 
-async def test_silence_gives_idle_frames_with_silence_features_and_idle_speed():
+async def test_silence_gives_idle_windows_with_silence_features_and_idle_speed():
     clock = FakeClock()
-    pipe = SimulatedPipeline(tiny(), record=200)
+    model = SimulatedCost(SolidColourModel(), record=200)
 
     async def body():
-        engine = await started_engine(pipe, clock, idle_speed=0.3)
+        engine = await started_engine(model, clock, idle_speed=0.3)
         session = await engine.open_session("a")
         frames = await collect(session, 50)  # 2 s with no audio at all
         assert [f.index for f in frames] == list(range(50))
         assert not any(f.speaking or f.held for f in frames)
         assert all(not f.audio.any() for f in frames)
         assert len({f.image.tobytes() for f in frames}) > 10  # alive: frames keep changing
-        windows = [w for w in pipe.windows if w.reference is session.avatar.reference]  # not the warm-up's
+        windows = [r for r in model.requests if r.avatar is session.avatar]  # not the warm-up's
         assert len(windows) >= 12
-        silence = tiny().audio_windows(tiny().encode_audio(np.zeros(16000 * 3, np.float32)))
         for w in windows:
-            assert torch.all(w.speed == 0.3)
-        # after the encoder's receptive field, silence features are the steady offline silence features
-        torch.testing.assert_close(windows[-1].audio, silence[40 : 40 + F], rtol=0, atol=0)
+            assert np.all(w.speed == 0.3) and not w.speaking.any() and not w.audio.any()
+            assert w.audio.shape == (F, 5, 1)
         await engine.stop()
 
     await clock.run(body())
 
 
-async def test_session_features_equal_offline_features_of_its_stream():
-    """With the full ±2 context waited for, each window's audio input is the offline encoding of what the session
-    played (its output audio), bit for bit."""
+async def test_each_frame_gets_its_own_and_its_neighbours_features_and_the_previous_windows_carry():
+    """Window requests carry frame t's features t-2..t+2 (edges repeated beyond what was formed), the session's seed
+    and window index, and the carry the model returned for the session's previous window."""
     clock = FakeClock()
-    pipe = SimulatedPipeline(tiny(), record=200)
+    model = SimulatedCost(SolidColourModel(), record=200)
 
     async def body():
-        engine = await started_engine(pipe, clock, context_lookahead_frames=2)
-        session = await engine.open_session("a")
+        engine = await started_engine(model, clock, context_lookahead_frames=2)
+        session = await engine.open_session("a", seed=9)
         feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(1.5), session.slot_time(0) + 0.23, 333))
         frames = await collect(session, 60)
         await feeder
-        played = np.concatenate([f.audio for f in frames])
+        played = np.concatenate([f.audio for f in frames]).reshape(-1, SAMPLES_PER_FRAME)
+        rms = np.sqrt(np.mean(played**2, axis=1))
         assert sum(f.speaking for f in frames) >= 36
-        offline = tiny().audio_windows(tiny().encode_audio(played))
-        windows = [w for w in pipe.windows if w.reference is session.avatar.reference][: 60 // F - 1]  # the last window's lookahead reaches past what was played
-        for i, w in enumerate(windows):
-            assert torch.equal(w.audio, offline[i * F : (i + 1) * F]), i
+        pairs = [(r, out) for r, out in zip(model.requests, model.results) if r.avatar is session.avatar]
+        assert [r.index for r, _ in pairs] == list(range(len(pairs))) and all(r.seed == 9 for r, _ in pairs)
+        assert pairs[0][0].carry is None
+        for (_, previous), (request, _) in zip(pairs, pairs[1:]):
+            assert request.carry == previous.carry
+        for request, _ in pairs[: 60 // F - 1]:  # the last window's lookahead reaches past what was played
+            k0 = request.index * F
+            expected = [[rms[min(max(t + j, 0), k0 + F + 1)] for j in range(-2, 3)] for t in range(k0, k0 + F)]
+            np.testing.assert_allclose(request.audio[..., 0], expected, rtol=1e-6, atol=1e-7)
+            assert list(request.speaking) == [frames[t].speaking for t in range(k0, k0 + F)]
         await engine.stop()
 
     await clock.run(body())
+
+
+def test_the_engine_and_its_test_model_never_import_torch():
+    code = """
+import asyncio, sys
+import numpy as np
+from streaming.clock import FakeClock
+from streaming.engine import StreamingEngine
+from streaming.testing import SolidColourModel
+
+async def main():
+    engine = StreamingEngine(SolidColourModel(), clock=clock, threaded=False)
+    await engine.add_avatar("a", np.zeros((64, 64, 3), np.uint8))
+    session = await engine.open_session("a")
+    session.push_audio(np.ones(16000, np.float32) * 0.1)
+    async for frame in session:
+        if frame.index == 30:
+            break
+    await engine.stop()
+
+clock = FakeClock()
+asyncio.run(clock.run(main()))
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 async def test_interrupt_drops_backlog_and_closes_the_mouth_within_one_window():
     clock = FakeClock()
-    pipe = SimulatedPipeline(tiny(), seconds_per_step=0.01, decode_seconds_per_frame=0.002)
+    model = SimulatedCost(SolidColourModel(), seconds_per_step=0.01, fixed_seconds_per_frame=0.002, record=200)
 
     async def body():
-        engine = await started_engine(pipe, clock)
+        engine = await started_engine(model, clock, lead_margin_s=0.1)  # windows are formed 3.5 frames ahead
         session = await engine.open_session("a")
         session.push_audio(speech(6.0))  # TTS: six seconds queued at once
         frames, interrupt_at = [], None
@@ -185,8 +205,19 @@ async def test_interrupt_drops_backlog_and_closes_the_mouth_within_one_window():
         assert not any(f.audio.any() for f in after)  # queued audio is gone at once
         assert not any(f.speaking for f in after)
         assert all(not f.held for f in frames[boundary:])  # the re-formed idle window arrived in time
+        # lips follow the audio, except in the window already showing at the interrupt (it only goes silent)
+        assert all(decode(f.image)[3] == f.speaking for f in frames[:interrupt_at] + frames[boundary:] if not f.held)
         m = session.metrics().counters
         assert m.interrupts == 1 and m.speech_frames < 40
+        # the cancelled window was formed again from the saved state: same index, same carry, now silent
+        by_index = {}
+        for r in model.requests:
+            if r.avatar is session.avatar:
+                by_index.setdefault(r.index, []).append(r)
+        again = [rs for rs in by_index.values() if len(rs) == 2]
+        assert len(again) == 1
+        first, second = again[0]
+        assert first.carry == second.carry and first.speaking.all() and not second.speaking.any()
         await engine.stop()
 
     await clock.run(body())
@@ -194,10 +225,9 @@ async def test_interrupt_drops_backlog_and_closes_the_mouth_within_one_window():
 
 async def test_memory_stays_bounded_over_many_windows_with_and_without_a_reader():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
 
     async def body():
-        engine = await started_engine(pipe, clock, max_buffered_audio_s=5.0)
+        engine = await started_engine(SolidColourModel(), clock, max_buffered_audio_s=5.0)
         read = await engine.open_session("a")
         unread = await engine.open_session("a")  # nobody iterates this one
         unread.push_audio(speech(20.0))  # beyond the 5 s buffer cap
@@ -223,97 +253,33 @@ async def test_memory_stays_bounded_over_many_windows_with_and_without_a_reader(
     await clock.run(body())
 
 
-async def _run_sessions(seeds: list[int], pipe_record: SimulatedPipeline, clock: FakeClock, n_frames: int = 24,
-                        **config):
-    engine = engine_for(pipe_record, clock, **config)
-    await engine.start()
-    for s in seeds:
-        await engine.add_avatar(f"a{s}", portrait(s))
-    sessions = [await engine.open_session(f"a{s}", seed=s) for s in seeds]
-    t0 = sessions[0].slot_time(0)
-    feeders = [asyncio.ensure_future(feed_realtime(clock, sess, speech(1.0, s), t0 + 0.05, 480))
-               for s, sess in zip(seeds, sessions)]
-    outputs = await asyncio.gather(*(collect(sess, n_frames) for sess in sessions))
-    for f in feeders:
-        await f
-    await engine.stop()
-    return {s: out for s, out in zip(seeds, outputs)}
-
-
-@functools.cache
-def tiny_with_portrait_refiner() -> AvatarPipeline:
-    from conftest import with_portrait_refiner
-
-    return with_portrait_refiner(tiny(), seed=3)
-
-
-@functools.cache
-def tiny_with_refiner_that_hears() -> AvatarPipeline:
-    from avatar.grow import add_refiner_audio
-
-    heard = add_refiner_audio(tiny_with_portrait_refiner(), 4, seed=3)
-    with torch.no_grad():  # as training moves its zero-initialised input weights
-        generator = torch.Generator().manual_seed(0)
-        for conv in heard.portrait_refiner.audio_inputs.values():
-            conv.weight.copy_(0.5 * torch.randn(conv.weight.shape, generator=generator))
-    return heard
-
-
-@pytest.mark.parametrize("model", [tiny, tiny_with_portrait_refiner, tiny_with_refiner_that_hears])
-async def test_two_sessions_batched_equal_each_alone(model):
-    """Also with a PortraitRefiner (`StreamConfig.refine`): each frame of a batch is refined with its own session's
-    portrait, and, with a refiner that hears audio, its own audio."""
-    results, recorders = {}, {}
-    for label, seeds in (("a", [1]), ("b", [2]), ("ab", [1, 2])):
-        clock = FakeClock()
-        recorders[label] = SimulatedPipeline(model(), record=100)
-        refine = model is not tiny
-        results[label] = await clock.run(_run_sessions(seeds, recorders[label], clock, refine=refine))
-    assert any(size == 2 for size, _ in recorders["ab"].calls)  # they really shared backbone calls
-    for seed, alone in ((1, results["a"][1]), (2, results["b"][2])):
-        together = results["ab"][seed]
-        assert sum(f.speaking for f in together) > 10
-        for x, y in zip(alone, together):
-            assert x.index == y.index and np.array_equal(x.audio, y.audio)
-            # float rounding of a batch-of-2 matmul may differ from batch-of-1 in the last bit: allow 1/255
-            assert np.abs(x.image.astype(int) - y.image.astype(int)).max() <= 1
-    alone_latents = {seed: l for r in (recorders["a"], recorders["b"]) for seed, l in r.latents}
-    for seed, latents in recorders["ab"].latents:
-        torch.testing.assert_close(latents, alone_latents[seed], rtol=1e-5, atol=1e-5)
-
-
-async def test_live_sessions_skip_the_portrait_refiner_unless_configured():
-    frames = {}
-    for label, model, config in (("plain", tiny, {}), ("skipped", tiny_with_portrait_refiner, {}),
-                                 ("refined", tiny_with_portrait_refiner, {"refine": True})):
-        clock = FakeClock()
-        out = await clock.run(_run_sessions([1], SimulatedPipeline(model(), record=100), clock, **config))
-        frames[label] = np.stack([f.image for f in out[1]])
-    assert np.array_equal(frames["plain"], frames["skipped"])
-    assert not np.array_equal(frames["plain"], frames["refined"])
-    with pytest.raises(EmoteError, match="refine needs a model with a portrait refiner"):
-        StreamConfig(refine=True).resolve(tiny().config)
-
-
-async def test_a_shared_noise_model_draws_every_window_of_a_session_from_its_first_windows_seed():
-    from avatar.pipeline import window_seed
-
-    base = tiny()
-    shared = AvatarPipeline(base.config.replace(noise="shared"), base.vae, base.reference_net, base.backbone,
-                            base.audio_encoder, base.scheduler)
+async def test_sessions_share_model_calls_and_each_gets_its_own_frames():
     clock = FakeClock()
-    recorder = StubPipeline(shared, record=100)
-    await clock.run(_run_sessions([1, 2], recorder, clock))
-    seeds = [w.seed for w in recorder.windows if w.seed != 0]  # seed 0: the engine's calibration at start
-    assert len(seeds) > 4 and set(seeds) == {window_seed(1, 0), window_seed(2, 0)}
+    model = SimulatedCost(SolidColourModel(), record=200)
+
+    async def body():
+        engine = await started_engine(model, clock)
+        sessions = [await engine.open_session("a", seed=s) for s in (1, 2, 3)]
+        t0 = sessions[0].slot_time(0)
+        for k, session in enumerate(sessions[:2]):
+            session.push_audio(speech(0.6, k))
+        outputs = await asyncio.gather(*(collect(s, 24) for s in sessions))
+        assert any(size == 3 for size, _ in model.calls)
+        for seed, frames in zip((1, 2, 3), outputs):
+            assert all(decode(f.image)[2] == seed for f in frames if not f.held)
+            assert all(decode(f.image)[3] == f.speaking for f in frames if not f.held)
+            assert (sum(f.speaking for f in frames) > 10) == (seed != 3)
+            assert all(f.index == i for i, f in enumerate(frames)) and sessions[0].slot_time(0) == t0
+        await engine.stop()
+
+    await clock.run(body())
 
 
 async def test_48k_stereo_s16_packets_of_odd_sizes_drive_the_lips():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
 
     async def body():
-        engine = await started_engine(pipe, clock)
+        engine = await started_engine(SolidColourModel(), clock)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         mono = speech(2.0)
         from scipy.signal import resample_poly
@@ -348,10 +314,9 @@ async def test_48k_stereo_s16_packets_of_odd_sizes_drive_the_lips():
 
 async def test_end_of_speech_flags_the_last_frame_and_playout_completes():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
 
     async def body():
-        engine = await started_engine(pipe, clock)
+        engine = await started_engine(SolidColourModel(), clock)
         session = await engine.open_session("a")
         session.push_audio(speech(1.03))  # 25.75 frames
         session.end_of_speech()
@@ -368,19 +333,19 @@ async def test_end_of_speech_flags_the_last_frame_and_playout_completes():
 
 
 async def test_model_min_steps_holds_frames_instead_of_fewer_steps():
-    """A model whose 1-step output is unusable (model config min_steps 2): where 1 step would keep pace, the engine
+    """A model whose 1-step output is unusable (its spec's min_steps 2): where 1 step would keep pace, the engine
     still runs 2 and holds frames. An explicit stream steps=1 is the user's choice and stays allowed."""
     clock = FakeClock()
-    inner = tiny()
-    inner.config = inner.config.replace(min_steps=2)
-    pipe = StubPipeline(inner, seconds_per_step=0.15)
-    assert StreamConfig().resolve(inner.config).min_steps == 2
-    assert StreamConfig(steps=1).resolve(inner.config).min_steps == 1
+    model = SolidColourModel(default_steps=2, min_steps=2, seconds_per_step=0.15)
+    assert StreamConfig().resolve(model.spec).min_steps == 2
+    assert StreamConfig(steps=1).resolve(model.spec).min_steps == 1
     with pytest.raises(EmoteError, match="min_steps"):
-        StreamConfig(min_steps=0).resolve(inner.config)
+        StreamConfig(min_steps=0).resolve(model.spec)
+    with pytest.raises(EmoteError, match="context_lookahead_frames"):
+        StreamConfig(context_lookahead_frames=3).resolve(model.spec)
 
     async def body():
-        engine = await started_engine(pipe, clock)
+        engine = await started_engine(model, clock)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(8.0), session.slot_time(0), 320))
         await collect(session, 120)
@@ -395,10 +360,9 @@ async def test_model_min_steps_holds_frames_instead_of_fewer_steps():
 @pytest.mark.parametrize("seconds_per_step,expect", [(0.15, "fewer_steps"), (0.3, "skip")])
 async def test_behind_schedule_policy_keeps_pace_and_latency_bounded(seconds_per_step, expect):
     clock = FakeClock()
-    pipe = StubPipeline(tiny(), seconds_per_step=seconds_per_step)
 
     async def body():
-        engine = await started_engine(pipe, clock, steps=2, min_steps=1)
+        engine = await started_engine(SolidColourModel(seconds_per_step=seconds_per_step), clock, steps=2, min_steps=1)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         t0 = session.slot_time(0)
         feeder = asyncio.ensure_future(feed_realtime(clock, session, speech(8.0), t0, 320))
@@ -426,10 +390,9 @@ async def test_behind_schedule_policy_keeps_pace_and_latency_bounded(seconds_per
 
 async def test_slow_reader_skips_ahead_instead_of_queueing():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
 
     async def body():
-        engine = await started_engine(pipe, clock, max_consumer_lag_frames=3)
+        engine = await started_engine(SolidColourModel(), clock, max_consumer_lag_frames=3)
         session = await engine.open_session("a")
         first = await collect(session, 1)
         await clock.sleep_until(session.slot_time(0) + 2.0)  # the reader stalls for 2 s
@@ -442,18 +405,17 @@ async def test_slow_reader_skips_ahead_instead_of_queueing():
     await clock.run(body())
 
 
-async def test_avatar_reference_is_computed_once_and_shared():
+async def test_avatar_is_prepared_once_and_shared():
     clock = FakeClock()
     calls = []
-    base = tiny()
 
-    class Counting(SimulatedPipeline):
-        def prepare_reference(self, image, face_box=None):
-            calls.append(1)
-            return base.prepare_reference(image, face_box)
+    class Counting(SolidColourModel):
+        def prepare_avatar(self, avatar_id, portrait, cache_dir=None):
+            calls.append(avatar_id)
+            return super().prepare_avatar(avatar_id, portrait, cache_dir)
 
     async def body():
-        engine = engine_for(Counting(base), clock)
+        engine = engine_for(Counting(), clock)
         await engine.start()
         warm = len(calls)
         a = await engine.add_avatar("a", portrait())
@@ -461,7 +423,7 @@ async def test_avatar_reference_is_computed_once_and_shared():
         s1 = await engine.open_session("a")
         s2 = await engine.open_session("a")
         assert a is b and len(calls) == warm + 1
-        assert s1.avatar.reference is s2.avatar.reference
+        assert s1.avatar is s2.avatar is a
         await engine.stop()
 
     await clock.run(body())
@@ -469,10 +431,9 @@ async def test_avatar_reference_is_computed_once_and_shared():
 
 async def test_live_input_catches_up_in_pauses_after_a_network_hiccup():
     clock = FakeClock()
-    pipe = StubPipeline(tiny())
 
     async def body():
-        engine = await started_engine(pipe, clock)
+        engine = await started_engine(SolidColourModel(), clock)
         session = await engine.open_session("a", max_audio_backlog_s=0.5)
         talk = np.concatenate([speech(1.0), np.zeros(8000, np.float32)])  # 1 s of speech, 0.5 s pushed silence
         stream = np.tile(talk, 4)
@@ -506,17 +467,17 @@ async def test_live_input_catches_up_in_pauses_after_a_network_hiccup():
 async def test_a_failing_model_call_skips_its_window_and_the_engine_keeps_going():
     clock = FakeClock()
 
-    class FailsOnce(StubPipeline):
+    class FailsOnce(SolidColourModel):
         failed = False
 
-        def denoise_windows(self, windows, steps=None, **kwargs):
-            if not FailsOnce.failed and windows[0].seed % 7 == 3:
+        def generate(self, requests, steps):
+            if not FailsOnce.failed and requests[0].index == 5:
                 FailsOnce.failed = True
                 raise RuntimeError("expected input tensors on one device")
-            return super().denoise_windows(windows, steps, **kwargs)
+            return super().generate(requests, steps)
 
     async def body():
-        engine = await started_engine(FailsOnce(tiny()), clock)
+        engine = await started_engine(FailsOnce(), clock)
         session = await engine.open_session("a")
         frames = await collect(session, 60)
         assert FailsOnce.failed and engine.model_errors == 1
@@ -525,29 +486,3 @@ async def test_a_failing_model_call_skips_its_window_and_the_engine_keeps_going(
         await engine.stop()
 
     await clock.run(body())
-
-
-async def test_stream_strength_defaults_to_the_models_and_reaches_the_model_call():
-    clock = FakeClock()
-    inner = tiny()
-    inner.config = inner.config.replace(strength=0.4)
-    assert StreamConfig().resolve(inner.config).strength == 0.4
-    assert StreamConfig(strength=1.0).resolve(inner.config).strength == 1.0
-    with pytest.raises(EmoteError, match="strength"):
-        StreamConfig(strength=0.0).resolve(inner.config)
-    seen = []
-
-    class Recording(StubPipeline):
-        def denoise_windows(self, windows, steps=None, **kwargs):
-            seen.append(kwargs.get("strength"))
-            return super().denoise_windows(windows, steps, **kwargs)
-
-    async def body():
-        engine = await started_engine(Recording(inner), clock, strength=0.7)
-        session = await engine.open_session("a")
-        session.push_audio(speech(0.5))
-        await collect(session, 10)
-        await engine.stop()
-
-    await clock.run(body())
-    assert seen and set(seen) == {0.7}

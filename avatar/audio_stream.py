@@ -10,24 +10,11 @@ State is replaced, never mutated in place, so `snapshot()`/`restore()` are cheap
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from avatar.audio import MelAudioEncoder, Wav2Vec2AudioEncoder
 from avatar.config import SAMPLES_PER_FRAME
-
-
-class StreamingAudioEncoder(Protocol):
-    feature_dim: int
-    lookahead_samples: int
-    frames_out: int
-
-    def push(self, samples: torch.Tensor) -> torch.Tensor: ...
-
-    def snapshot(self) -> object: ...
-
-    def restore(self, snapshot: object) -> None: ...
+from avatar.frame_model import StreamingAudioEncoder
 
 
 class StreamingMelEncoder:
@@ -41,9 +28,9 @@ class StreamingMelEncoder:
         self.frames_out = 0
 
     @torch.no_grad()
-    def push(self, samples: torch.Tensor) -> torch.Tensor:
+    def push(self, samples) -> torch.Tensor:
         """1-D float samples -> (n, D) features of the frames that became computable (n may be 0)."""
-        pending = torch.cat([self._pending, samples.reshape(-1).float().cpu()])
+        pending = torch.cat([self._pending, torch.as_tensor(samples).reshape(-1).float().cpu()])
         out, start = [], 0
         # No single_threaded() here, unlike the offline `encode`: changing the thread count while the model thread
         # runs stalls it for seconds. The features still match offline bit for bit (tested).
@@ -82,8 +69,8 @@ class StreamingWav2Vec2Encoder:
         self.frames_out = 0
 
     @torch.no_grad()
-    def push(self, samples: torch.Tensor) -> torch.Tensor:
-        self._buffer = torch.cat([self._buffer, samples.reshape(-1).float().cpu()])
+    def push(self, samples) -> torch.Tensor:
+        self._buffer = torch.cat([self._buffer, torch.as_tensor(samples).reshape(-1).float().cpu()])
         total = self._base + self._buffer.numel()
         ready = max(0, (total - self.lookahead_samples) // SAMPLES_PER_FRAME - self.frames_out)
         if ready == 0:
