@@ -46,6 +46,93 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
         raise EmoteError(f"{name} is too large: {exc}") from exc
 
 
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def load_portrait(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """A portrait photo as it is meant to be seen -> RGB uint8 (H, W, 3), sRGB.
+
+    Unlike `decode_image` it applies the EXIF orientation (phone photos are stored sideways), converts ICC-tagged
+    images (Display P3, Adobe RGB, CMYK) to sRGB, scales 16-bit images to 8 bits and composites transparency on
+    white. Oversized images are rejected from their header, before any pixel is decoded; HEIC gets a clear error.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = name or "image"
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise EmoteError(f"image {path} does not exist")
+        data = path.read_bytes()
+    return decode_portrait(data, name)
+
+
+def decode_portrait(data: bytes, name: str = "image") -> np.ndarray:
+    import io
+    import warnings
+
+    from PIL import ImageOps
+
+    if not data:
+        raise EmoteError(f"{name} is empty")
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        raise EmoteError(f"{name} is a HEIC/HEIF photo, which is not supported; convert it to JPEG or PNG")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                # Image.open reads only the header: the size is known before anything is decoded.
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise EmoteError(f"{name} is too large ({image.width}x{image.height} pixels; at most "
+                                     f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels)")
+                image.load()
+                return _to_srgb_array(ImageOps.exif_transpose(image))
+    except UnidentifiedImageError:
+        raise EmoteError(f"{name} is not a readable image (not a PNG, JPEG, WebP or other known format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise EmoteError(f"{name} is too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise EmoteError(f"{name} is not a readable image: {exc}") from exc
+
+
+def _to_srgb_array(image: Image.Image) -> np.ndarray:
+    icc = image.info.get("icc_profile")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        icc = None
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        image = _icc_to_srgb(image, icc)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+
+
+def _icc_to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
+    import io
+
+    from PIL import ImageCms
+
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    base = image.convert({"RGBA": "RGB", "LA": "L"}.get(image.mode, image.mode))
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(base, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image  # an unreadable profile: use the pixels as they are
+    if converted is None:
+        return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
 def crop_square(image: np.ndarray, box: tuple[float, float, float, float] | None = None, margin: float = 0.6) -> np.ndarray:
     """A square crop around `box` (x0, y0, x1, y1 in pixels, e.g. a detected face) grown by `margin` on each side,
     or the largest centred square when there is no box; clipped to the image."""
