@@ -56,13 +56,9 @@ class MotionPhotoModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, size: int = DEFAULT_SIZE, **options) -> "MotionPhotoModel":
-        from .motion.backbone import MotionBackbone
+        from .motion.checkpoint import load_backbone
 
-        path = Path(path) if path is not None else MOTION_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise EmoteError(f"no motion model in {path} (config.json missing)")
-        backbone = MotionBackbone.from_pretrained(str(path)).eval()
-        return cls(backbone, size=size, **options)
+        return cls(load_backbone(path if path is not None else MOTION_MODEL_DIR), size=size, **options)
 
     # ---- avatars -------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from avatar.errors import EmoteError
 from avatar.frame_model import AvatarHandle, FrameModel
-from avatar.media import decode_image, load_image
+from avatar.media import decode_portrait, load_image
 
 DEFAULT_AVATAR_ID = "default"
 DRAWN_PORTRAIT = Path(__file__).resolve().parents[1] / "avatar" / "assets" / "default_portrait.png"
@@ -123,7 +123,7 @@ class AvatarStore:
         source = directory / "original"
         if not source.is_file():  # stored before originals were kept: the crop is all there is
             source = directory / "portrait.png"
-        image = decode_image(source.read_bytes(), f"avatar {avatar_id}")
+        image = decode_portrait(source.read_bytes(), f"avatar {avatar_id}")
         handle = self.model.prepare_avatar(avatar_id, image, directory / "cache")
         if refresh_preview:  # the model (or its output size) may have changed since the upload
             _write_atomically(directory / "portrait.png", _png(handle.preview))
@@ -183,7 +183,7 @@ class AvatarStore:
         return info
 
     def _prepare(self, info: AvatarInfo, data: bytes) -> AvatarHandle:
-        image = decode_image(data, "upload")
+        image = decode_portrait(data, "upload")
         if min(image.shape[:2]) < MIN_UPLOAD_SIDE:
             raise EmoteError(f"upload is too small ({image.shape[1]}x{image.shape[0]}); at least "
                              f"{MIN_UPLOAD_SIDE}x{MIN_UPLOAD_SIDE} pixels")

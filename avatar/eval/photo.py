@@ -20,9 +20,14 @@ def mouth_gaps(frames) -> np.ndarray:
     """Inner-lip gap / inter-ocular distance per frame (NaN where no face is found), from RGB uint8 frames."""
     import mediapipe as mp
 
+    from avatar.photo.analysis import quiet_native_stderr
+
     gaps = []
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
-                                         min_detection_confidence=0.3, min_tracking_confidence=0.3) as mesh:
+    with quiet_native_stderr():
+        mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+                                               min_detection_confidence=0.3, min_tracking_confidence=0.3)
+        mesh.process(np.zeros((64, 64, 3), np.uint8))
+    with mesh:
         for frame in frames:
             result = mesh.process(np.ascontiguousarray(frame))
             if not result.multi_face_landmarks:

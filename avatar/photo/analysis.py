@@ -11,11 +11,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -128,9 +131,27 @@ def _face_mesh():
     if _MESH is None:
         import mediapipe as mp
 
-        _MESH = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True, max_num_faces=MAX_FACES,
-                                                min_detection_confidence=0.5)
+        with quiet_native_stderr():
+            mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True,
+                                                   max_num_faces=MAX_FACES, min_detection_confidence=0.5)
+            mesh.process(np.zeros((64, 64, 3), np.uint8))  # the graph starts (and logs) on its first image
+        _MESH = mesh
     return _MESH
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """MediaPipe's C++ start-up writes informational lines straight to file descriptor 2, past Python's logging;
+    the CLI promises one line on error, so they are dropped while the graph starts (once per process)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _mesh_faces(image: np.ndarray) -> list[np.ndarray]:
