@@ -129,28 +129,43 @@ def is_pixel_model(model: Path | None) -> bool:
     return model is not None and (model / "model_index.json").is_file()
 
 
-def run_render(args: argparse.Namespace) -> int:
-    from .media import frame_count, load_audio
+def check_model_dir(model: Path | None) -> None:
+    if model is None:
+        return
+    if not model.exists():
+        raise EmoteError(f"--model {model} does not exist")
+    if not ((model / "config.json").is_file() or (model / "model_index.json").is_file()):
+        raise EmoteError(f"--model {model} is not a model directory (no config.json or model_index.json)")
 
+
+def run_render(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".mp4":
         raise EmoteError(f"output {args.output} must end in .mp4")
-    if args.model is not None and not args.model.is_dir():
-        raise EmoteError(f"--model {args.model} is not a directory")
-    audio = load_audio(args.audio)
-    if frame_count(len(audio)) == 0:
-        raise EmoteError(f"audio {args.audio} is shorter than one video frame (40 ms)")
+    check_model_dir(args.model)
     if is_pixel_model(args.model):
-        return _render_pixel(args, audio)
-    return _render_photo(args, audio)
+        return _render_pixel(args)
+    return _render_photo(args)
 
 
-def _render_photo(args: argparse.Namespace, audio) -> int:
+def _load_audio(path: Path):
+    from .media import frame_count, load_audio
+
+    audio = load_audio(path)
+    if frame_count(len(audio)) == 0:
+        raise EmoteError(f"audio {path} is shorter than one video frame (40 ms)")
+    return audio
+
+
+def _render_photo(args: argparse.Namespace) -> int:
     from .media import load_portrait, write_video
     from .photo_model import MotionPhotoModel
 
     if args.strength is not None:
         raise EmoteError("--strength applies to the pixel model only (--model DIR with a model_index.json)")
+    if args.device != "cpu":
+        raise EmoteError("the motion model with the photo renderer runs on the CPU; --device cuda is for the pixel model")
     image = load_portrait(args.portrait)
+    audio = _load_audio(args.audio)
     model = MotionPhotoModel.from_pretrained(args.model, size=args.size)
     avatar = model.prepare_avatar("render", image, face=args.face, name=str(args.portrait))
     for warning in avatar.state.analysis.warnings:
@@ -168,13 +183,14 @@ def _even(frame):
     return frame[: h - h % 2, : w - w % 2]
 
 
-def _render_pixel(args: argparse.Namespace, audio) -> int:
+def _render_pixel(args: argparse.Namespace) -> int:
     from .media import crop_square, load_image, write_video
     from .portrait import find_face
 
     if args.full_frame:
         raise EmoteError("--full-frame needs the photo renderer (the default model), not the pixel model")
     image = load_image(args.portrait)
+    audio = _load_audio(args.audio)
     pipe = load_pipeline(args.model, args.device)
     portrait = crop_square(image, find_face(image))
     frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed, strength=args.strength)
@@ -192,8 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from .photo_bench import run_photo_bench
         from .photo_model import MotionPhotoModel
 
-        if args.model is not None and not args.model.is_dir():
-            raise EmoteError(f"--model {args.model} is not a directory")
+        check_model_dir(args.model)
         model = MotionPhotoModel.from_pretrained(args.model, size=args.size)
         result = run_photo_bench(model, steps=args.steps or model.spec.default_steps, repeats=args.repeats)
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))

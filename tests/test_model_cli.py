@@ -58,17 +58,34 @@ def test_render_reads_compressed_audio(tiny_model_dir, media_files, tmp_path, ca
     assert abs(probe(out)[0] - decoded_seconds * 25) <= 1
 
 
-def test_render_with_bundled_model_warns_when_untrained(media_files, tmp_path, capsys):
-    image, _ = media_files
-    audio = write_wav(tmp_path / "short.wav", speech_like(0.4))
-    out = tmp_path / "out.mp4"
-    code, _, err = run_cli(["render", image, audio, "-o", out, "--steps", "1"], capsys)
-    assert code == 0, err
-    from avatar.pipeline import BUNDLED_MODEL_DIR
+DRAWN = ROOT / "avatar" / "assets" / "default_portrait.png"
 
-    if not (BUNDLED_MODEL_DIR / "model_index.json").exists():
-        assert "untrained" in err
-    assert probe(out)[0] == 10
+
+def test_render_with_the_default_model_animates_the_portraits_own_pixels(tmp_path, capsys):
+    """No --model: the motion backbone with the photo renderer, at the requested crop size, lips moving with speech."""
+    audio = write_wav(tmp_path / "speech.wav", speech_like(1.2))
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(["render", DRAWN, audio, "-o", out, "--size", "256"], capsys)
+    assert code == 0, err
+    frames, rate, width, has_audio = probe(out)
+    assert (frames, rate, width, has_audio) == (30, 25.0, 256, True)
+    with av.open(str(out)) as container:
+        video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32)
+    mouth = video[:, 150:190, 100:156]  # the drawn face's mouth in the aligned 256 crop
+    forehead = video[:, 40:70, 100:156]
+    assert mouth.std(axis=0).mean() > 3 * forehead.std(axis=0).mean(), "the mouth should move, the forehead not"
+
+
+def test_render_full_frame_pastes_back_into_the_whole_photo(tmp_path, capsys):
+    photo = tmp_path / "wide.png"
+    drawn = np.asarray(Image.open(DRAWN).convert("RGB"))
+    Image.fromarray(np.pad(drawn, ((0, 0), (101, 100), (0, 0)), mode="edge")).save(photo)  # 713 wide: odd
+    audio = write_wav(tmp_path / "speech.wav", speech_like(0.4))
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(["render", photo, audio, "-o", out, "--full-frame"], capsys)
+    assert code == 0, err
+    frames, _, width, _ = probe(out)
+    assert frames == 10 and width == 712  # yuv420p needs even sides: the odd last column is dropped
 
 
 def bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -84,6 +101,8 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         paths[name] = tmp_path / name
+    Image.new("RGB", (300, 300), (200, 180, 160)).save(tmp_path / "blank.png")
+    paths["blank.png"] = tmp_path / "blank.png"
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12_000, 12_000)).save(bomb)
     paths["bomb.png"] = bomb
@@ -101,7 +120,14 @@ BAD_CASES = [
     ("corrupt audio", lambda f, img, aud, m: ["render", img, f["corrupt.wav"]], "not readable"),
     ("text as audio", lambda f, img, aud, m: ["render", img, f["text.mp3"]], "audio"),
     ("missing model dir", lambda f, img, aud, m: ["render", img, aud, "--model", f["_dir"] / "nomodel"], "does not exist"),
-    ("not a model dir", lambda f, img, aud, m: ["render", img, aud, "--model", f["_dir"]], "model_index.json is missing"),
+    ("not a model dir", lambda f, img, aud, m: ["render", img, aud, "--model", f["_dir"]], "is not a model directory"),
+    ("no face", lambda f, img, aud, m: ["render", f["blank.png"], aud], "no face found in"),
+    ("strength on the default model", lambda f, img, aud, m: ["render", img, aud, "--strength", "0.5"],
+     "--strength applies to the pixel model only"),
+    ("full frame on the pixel model", lambda f, img, aud, m: ["render", img, aud, "--model", m, "--full-frame"],
+     "--full-frame needs the photo renderer"),
+    ("size too small", lambda f, img, aud, m: ["render", img, aud, "--size", "128"], "--size must be between 256 and 512"),
+    ("negative face", lambda f, img, aud, m: ["render", img, aud, "--face", "-1"], "--face must be 0 or more"),
     ("steps zero", lambda f, img, aud, m: ["render", img, aud, "--steps", "0"], "--steps must be between"),
     ("steps huge", lambda f, img, aud, m: ["render", img, aud, "--steps", "5000"], "--steps must be between"),
     ("steps text", lambda f, img, aud, m: ["render", img, aud, "--steps", "two"], "--steps must be an integer"),
