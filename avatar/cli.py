@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,13 @@ def register(subparsers) -> None:
                         help="pixel model only: warm start from the previous frame noised to this fraction of the "
                              "schedule; 1 starts from pure noise (default: the model's)")
     render.add_argument("--seed", type=_seed, default=0)
+    render.add_argument("--badge", action="store_true",
+                        help='a small visible "AI-generated" badge in a corner (every frame always carries the '
+                             "invisible watermark; `emote detect` finds it)")
+    render.add_argument("--sign-cert", type=Path, default=None,
+                        help="PEM certificate chain to sign a C2PA provenance manifest into the MP4 (with --sign-key); "
+                             "without it the MP4 gets plain provenance tags only")
+    render.add_argument("--sign-key", type=Path, default=None, help="PEM private key for --sign-cert")
     render.set_defaults(func=run_render)
 
 
@@ -142,9 +150,36 @@ def run_render(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".mp4":
         raise EmoteError(f"output {args.output} must end in .mp4")
     check_model_dir(args.model)
+    if (args.sign_cert is None) != (args.sign_key is None):
+        raise EmoteError("--sign-cert and --sign-key go together")
+    for path in (args.sign_cert, args.sign_key):
+        if path is not None and not path.is_file():
+            raise EmoteError(f"{path} does not exist")
     if is_pixel_model(args.model):
         return _render_pixel(args)
     return _render_photo(args)
+
+
+def _write_marked_video(args: argparse.Namespace, frames, audio, model_name: str) -> int:
+    """Every frame watermarked (and badged when asked), the MP4 written atomically, then its provenance added."""
+    from .media import write_video
+    from .watermark import Watermarker, add_badge, default_payload, write_provenance
+
+    marker = Watermarker(default_payload(model_name))
+
+    def marked():
+        for frame in frames:
+            frame = marker.mark(_even(frame))
+            yield add_badge(frame) if args.badge else frame
+
+    staging = args.output.with_name(f".{args.output.stem}.render.mp4")  # renamed into place once tagged/signed
+    try:
+        count = write_video(staging, marked(), audio=audio)
+        write_provenance(staging, model_name, args.sign_cert, args.sign_key)
+        os.replace(staging, args.output)
+    finally:
+        staging.unlink(missing_ok=True)
+    return count
 
 
 def _load_audio(path: Path):
@@ -157,7 +192,7 @@ def _load_audio(path: Path):
 
 
 def _render_photo(args: argparse.Namespace) -> int:
-    from .media import load_portrait, write_video
+    from .media import load_portrait
     from .photo_model import MotionPhotoModel
 
     if args.strength is not None:
@@ -172,7 +207,7 @@ def _render_photo(args: argparse.Namespace) -> int:
         sys.stderr.write(f"emote: warning: {warning}\n")
     frames = model.render_offline(avatar, audio, seed=args.seed, steps=args.steps or model.spec.default_steps,
                                   full_frame=args.full_frame)
-    count = write_video(args.output, (_even(frame) for frame in frames), audio=audio)
+    count = _write_marked_video(args, frames, audio, model.spec.name)
     sys.stderr.write(f"wrote {args.output}: {count} frames at 25 fps\n")
     return 0
 
@@ -184,7 +219,7 @@ def _even(frame):
 
 
 def _render_pixel(args: argparse.Namespace) -> int:
-    from .media import crop_square, load_image, write_video
+    from .media import crop_square, load_image
     from .portrait import find_face
 
     if args.full_frame:
@@ -194,7 +229,7 @@ def _render_pixel(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.device)
     portrait = crop_square(image, find_face(image))
     frames = pipe.render(portrait, audio, steps=args.steps, seed=args.seed, strength=args.strength)
-    count = write_video(args.output, frames, audio=audio)
+    count = _write_marked_video(args, frames, audio, f"pixel-{pipe.config.preset}")
     sys.stderr.write(f"wrote {args.output}: {count} frames at 25 fps, {pipe.resolution}x{pipe.resolution}\n")
     return 0
 

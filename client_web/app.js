@@ -494,3 +494,16 @@ window.emote = {
 };
 
 init();
+
+// The visible "AI-generated" badge is the viewer's choice; the invisible watermark is in every frame regardless.
+(() => {
+  const toggle = document.getElementById('show-badge');
+  const badge = document.getElementById('badge');
+  const saved = localStorage.getItem('emote-badge') === '1';
+  toggle.checked = saved;
+  badge.hidden = !saved;
+  toggle.addEventListener('change', () => {
+    badge.hidden = !toggle.checked;
+    localStorage.setItem('emote-badge', toggle.checked ? '1' : '0');
+  });
+})();

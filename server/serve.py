@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     serve.add_argument("--size", type=int, default=None, metavar="PX",
                        help=f"output frame size, {MIN_SIZE}-{MAX_SIZE} (default: the model's; the pixel model has "
                             "one size only)")
+    serve.add_argument("--badge", action="store_true",
+                       help='a small visible "AI-generated" badge in a corner of every frame (every frame always '
+                            "carries the invisible watermark; `emote detect` finds it)")
     serve.set_defaults(func=run_serve)
 
 
@@ -59,6 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_key=args.tls_key,
         refine=args.refine,
         size=args.size,
+        badge=args.badge,
     ).validate()
 
 
@@ -109,12 +113,14 @@ def configure_logging(fmt: str) -> dict:
 def build_app(settings: Settings):
     """Model, avatars, engine and app, ready for uvicorn (also used by the tests)."""
     from avatar.models import load_frame_model
+    from avatar.watermark.model import WatermarkedModel
     from streaming.engine import StreamingEngine
 
     from .app import create_app
     from .avatars import AvatarStore
 
     model = load_frame_model(settings.model, settings.device, refine=settings.refine, size=settings.size)
+    model = WatermarkedModel(model, badge=settings.badge)  # every generated frame is marked; no switch turns it off
     avatars = AvatarStore(settings.data_dir / "avatars", model)
     avatars.load()
     return create_app(settings, StreamingEngine(model), avatars)

@@ -57,6 +57,7 @@ class Settings:
     tls_key: Path | None = None
     refine: bool = False  # pixel model: live frames through its portrait refiner (PixelFrameModel refine)
     size: int | None = None  # output frame size for models that support several; None: the model's
+    badge: bool = False  # a visible "AI-generated" mark in a corner of every frame (the invisible mark is always on)
     static_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1] / "client_web")
 
     def validate(self) -> "Settings":

@@ -206,3 +206,15 @@ def test_missing_token_is_explained(browser, server):
         assert page.get_by_label("This server needs a token").is_visible()
     finally:
         context.close()
+
+
+def test_the_visible_badge_is_off_until_asked_for_and_remembered(open_page):
+    page = open_page()
+    assert page.is_hidden("#badge")
+    page.check("#show-badge")
+    assert page.is_visible("#badge") and page.inner_text("#badge") == "AI-generated"
+    page.reload()
+    page.wait_for_selector("#avatars input[value='default']")
+    assert page.is_visible("#badge"), "the viewer's choice is kept"
+    page.uncheck("#show-badge")
+    assert page.is_hidden("#badge")
