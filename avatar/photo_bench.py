@@ -72,6 +72,20 @@ def run_photo_bench(model: MotionPhotoModel, steps: int = 1, seconds: float = 4.
         "fps_one_thread": round(1000 / frame_ms, 1),
         "headroom_vs_40ms": round(40 / frame_ms, 2),
         "parameters": sum(p.numel() for p in model.generator.backbone.parameters()),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
     }
+
+
+def machine() -> dict:
+    """CPU model, cores and vector extensions: CPUs differ between machines (AVX2-only ones run about half speed)."""
+    name, flags = platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "avx512": "avx512f" in flags, "amx": "amx_tile" in flags,
+            "torch": torch.__version__}

@@ -15,7 +15,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="score a model or a video against the oracle on held-out clips",
         description="Render held-out clips in still-head mode and score lip sync, PSNR, SSIM, drift and flicker.")
-    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--model", default=None,
+                        help="pixel model directory (default: the bundled motion model, rendered by the corpus "
+                             "renderer; see avatar/motion/evaluate.py)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--strength", type=strength_arg, default=None,
                         help="warm-start strength, 1 = from pure noise (default: the model's)")
@@ -95,8 +97,39 @@ def _summary(result: dict) -> str:
             f"flicker {result['flicker']:.3f} | {result['clips']} clips, {result['frames']} frames")
 
 
+def _motion_summary(result: dict) -> str:
+    sync, motion = result["lip_sync"], result["motion"]
+    return (f"motion model, {result['steps']} step(s): pixel lip sync r {sync['r']:.3f} (vs oracle parameter "
+            f"{sync['r_param']:.3f}), offset {sync['offset_frames']} frames | mouth r {motion['mouth_r']:.3f}, "
+            f"offset {motion['mouth_offset_frames']} | amplitude {motion['amplitude_ratio']:.2f} | bilabials closed "
+            f"{motion['bilabial_closure']:.0%} | silence {motion['silence_open_ratio']:.0%} of speech | seam jerk "
+            f"{motion['seam_jerk_ratio']:.2f} | {motion['cost_ms_per_25_frames']:.1f} ms / 25 frames | "
+            f"{result['clips']} clips, {result['frames']} frames")
+
+
+def run_motion_eval(args: argparse.Namespace) -> int:
+    """`emote eval` without --model: the bundled motion model on the held-out clips."""
+    if args.strength is not None:
+        raise EmoteError("--strength applies to the pixel model; add --model DIR")
+    from avatar.eval import evaluate
+    from avatar.motion.evaluate import evaluate_motion_model
+
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        clips = evaluate.load_eval_clips(args.data, args.clips, log=log)
+        if not clips:
+            raise EmoteError("the corpus has no held-out (test) clips; write more hours or identities")
+        result = evaluate_motion_model(None, args.steps or 1, clips, args.seed, log)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _user_error(exc) from None
+    print(json.dumps(result, sort_keys=True) if args.json else _motion_summary(result))
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     _check(args)
+    if args.model is None and args.video is None:
+        return run_motion_eval(args)
     from avatar.eval import evaluate
 
     log = (lambda line: print(line, file=sys.stderr, flush=True))

@@ -9,6 +9,8 @@ model, set against the speech envelope (issue 31's "real photos, real speech" ta
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 SAMPLES_PER_FRAME = 640
@@ -27,7 +29,8 @@ def mouth_gaps(frames) -> np.ndarray:
         mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
                                                min_detection_confidence=0.3, min_tracking_confidence=0.3)
         mesh.process(np.zeros((64, 64, 3), np.uint8))
-    with mesh:
+    with mesh, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
         for frame in frames:
             result = mesh.process(np.ascontiguousarray(frame))
             if not result.multi_face_landmarks:

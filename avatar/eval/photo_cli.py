@@ -10,6 +10,7 @@ from pathlib import Path
 from avatar.errors import EmoteError
 
 STRIP_SENTENCE = "Mama made a big map, then we stopped."
+FACE_ZOOM = (0.22, 0.78)  # the face's part of the aligned crop (eyes at 0.41 of its height), shown in the strip
 
 
 def register(subparsers) -> None:
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
     strip.add_argument("portrait", type=Path)
     strip.add_argument("-o", "--output", type=Path, required=True, help="output .png")
     strip.add_argument("--text", default=STRIP_SENTENCE)
-    strip.add_argument("--size", type=int, default=256, help="side of each tile (the model renders at 512)")
+    strip.add_argument("--size", type=int, default=200, help="side of each tile (the face, zoomed from the 512 crop)")
     strip.add_argument("--grey", action="store_true", help="convert the portrait to greyscale first")
     strip.set_defaults(func=run_strip)
 
@@ -88,7 +89,9 @@ def run_strip(args: argparse.Namespace) -> int:
     tiles = []
     for label, index in picks:
         tile = avatar.preview if index is None else frames[min(index, len(frames) - 1)]
-        tile = Image.fromarray(resize(tile, args.size))
+        side = tile.shape[0]
+        lo, hi = int(FACE_ZOOM[0] * side), int(FACE_ZOOM[1] * side)
+        tile = Image.fromarray(resize(np.ascontiguousarray(tile[lo:hi, lo:hi]), args.size))
         ImageDraw.Draw(tile).text((6, 4), f"/{label}/" if index is not None and label != "silence" else label,
                                   fill=(255, 255, 0))
         tiles.append(np.asarray(tile))
