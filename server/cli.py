@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "avatar.data.cli",
     "avatar.eval.cli",
     "avatar.eval.photo_cli",
+    "avatar.motion.cli",
     "avatar.watermark.cli",
     "avatar.train.cli",
     "server.serve",
