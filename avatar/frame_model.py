@@ -28,6 +28,7 @@ class ModelSpec:
     frames_per_window: int  # the model's natural window length F (the engine may use fewer frames per window)
     context_frames: int  # m: each frame's audio features carry frames t-m..t+m (EMO's ±2 frames)
     feature_dim: int  # per-frame audio feature size of `new_audio_encoder()`
+    lookahead_frames: int = 0  # of the m future context frames, how many the engine waits for by default (latency)
     default_steps: int = 1
     min_steps: int = 1
     fps: int = 25

@@ -41,7 +41,7 @@ class PhotoAvatar:
 class MotionPhotoModel:
     """`FrameModel`: carry = the last M motion frames of the session's previous window."""
 
-    def __init__(self, backbone, size: int = DEFAULT_SIZE, frames_per_window: int = 4):
+    def __init__(self, backbone, size: int = DEFAULT_SIZE, frames_per_window: int = 1, lookahead_frames: int = 1):
         from .motion.audio import FEATURE_DIM
         from .motion.generate import CONTEXT_FRAMES, MotionGenerator
 
@@ -49,7 +49,8 @@ class MotionPhotoModel:
         self.generator = MotionGenerator(backbone)
         self.spec = ModelSpec(
             name=f"motion-photo-{size}", width=size, height=size, frames_per_window=frames_per_window,
-            context_frames=CONTEXT_FRAMES, feature_dim=FEATURE_DIM, default_steps=1, min_steps=1,
+            context_frames=CONTEXT_FRAMES, feature_dim=FEATURE_DIM, lookahead_frames=lookahead_frames,
+            default_steps=1, min_steps=1,
         )
         self._example: AvatarHandle | None = None
         self._lock = threading.Lock()
@@ -148,7 +149,8 @@ class MotionPhotoModel:
         from .motion.generate import motion_for_audio
 
         motion = motion_for_audio(self.generator, audio, avatar.state.analysis.reference, seed=seed, steps=steps,
-                                  frames_per_window=self.spec.frames_per_window)
+                                  frames_per_window=self.spec.frames_per_window,
+                                  lookahead_frames=self.spec.lookahead_frames)
         renderer = avatar.state.renderer
         for frame_motion in motion:
             frame = renderer.render(frame_motion)

@@ -49,7 +49,7 @@ class SolidColourModel:
                  default_steps: int = 1, min_steps: int = 1, seconds_per_step: float = 0.0,
                  fixed_seconds_per_frame: float = 0.0, min_side: int = 64, name: str = "solid-colour"):
         self.spec = ModelSpec(name, width, height, frames_per_window, context_frames, RmsEncoder.feature_dim,
-                              default_steps, min_steps)
+                              default_steps=default_steps, min_steps=min_steps)
         self.seconds_per_step, self.fixed_seconds_per_frame, self.min_side = (
             seconds_per_step, fixed_seconds_per_frame, min_side)
 

@@ -16,7 +16,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=1, help="concurrent sessions (with --streaming)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of speech per session (with --streaming)")
     parser.add_argument("--window-frames", type=int, default=None, help="new frames per window (default: low latency)")
-    parser.add_argument("--context-lookahead", type=int, default=0, help="future audio-context frames to wait for")
+    parser.add_argument("--context-lookahead", type=int, default=None,
+                        help="future audio-context frames to wait for (default: the model's)")
     parser.add_argument("--refine", action="store_true",
                         help="pixel model: decode through its portrait refiner (live sessions skip it by default)")
 
@@ -25,6 +26,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import asyncio
 
     from avatar.models import load_frame_model, use_model_threads
+
+    from avatar.watermark.model import WatermarkedModel
 
     from .bench import bench_streaming
     from .config import StreamConfig
@@ -49,6 +52,7 @@ def run_bench(args: argparse.Namespace) -> int:
         model = load_frame_model(args.model, args.device, strength=args.strength, refine=args.refine,
                                  dtype=args.dtype if args.dtype != "float32" else None,
                                  size=None if pixel else args.size)
+    model = WatermarkedModel(model)  # as `emote serve` runs it: every frame marked
     config = StreamConfig(steps=args.steps, frames_per_window=args.window_frames,
                           context_lookahead_frames=args.context_lookahead)
     config.resolve(model.spec)  # bad values -> EmoteError before anything starts

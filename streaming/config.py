@@ -14,7 +14,8 @@ DEFAULT_SPEECH_SPEED = 0.5  # the pixel models' ModelConfig.default_speed
 @dataclass(frozen=True)
 class StreamConfig:
     frames_per_window: int | None = None  # F new frames per window; None: min(the model's, 4)
-    context_lookahead_frames: int = 0  # future frames of the ±m audio context to wait for; the rest repeat the edge
+    context_lookahead_frames: int | None = None  # future frames of the ±m context to wait for (None: the model's);
+    # the rest repeat the edge
     steps: int | None = None  # sampler steps; None: the model's default
     min_steps: int | None = None  # the behind-schedule policy never goes below this; None: the model's (at most steps)
     max_batch: int = 8  # windows per model call
@@ -31,6 +32,8 @@ class StreamConfig:
         cfg = replace(
             self,
             frames_per_window=self.frames_per_window or min(spec.frames_per_window, LOW_LATENCY_FRAMES_PER_WINDOW),
+            context_lookahead_frames=(spec.lookahead_frames if self.context_lookahead_frames is None
+                                      else self.context_lookahead_frames),
             steps=steps,
             min_steps=min(spec.min_steps, steps) if self.min_steps is None else self.min_steps,
         )
