@@ -163,14 +163,14 @@ def run_render(args: argparse.Namespace) -> int:
 def _write_marked_video(args: argparse.Namespace, frames, audio, model_name: str) -> int:
     """Every frame watermarked (and badged when asked), the MP4 written atomically, then its provenance added."""
     from .media import write_video
-    from .watermark import Watermarker, add_badge, default_payload, write_provenance
+    from .watermark import Watermarker, default_payload, write_provenance
+    from .watermark.model import mark_frame
 
     marker = Watermarker(default_payload(model_name))
 
     def marked():
         for frame in frames:
-            frame = marker.mark(_even(frame))
-            yield add_badge(frame) if args.badge else frame
+            yield mark_frame(marker, _even(frame), args.badge)
 
     staging = args.output.with_name(f".{args.output.stem}.render.mp4")  # renamed into place once tagged/signed
     try:

@@ -52,8 +52,10 @@ def test_serve_refine_reaches_the_pixel_model(tiny_pipe, tiny_model_dir, tmp_pat
     from conftest import with_portrait_refiner
 
     with_portrait_refiner(tiny_pipe).save_pretrained(tmp_path / "refined")
-    assert app_for(tmp_path, model=tmp_path / "refined").state.engine.model.refine is False
-    assert app_for(tmp_path, "--refine", model=tmp_path / "refined").state.engine.model.refine is True
+    served = app_for(tmp_path, model=tmp_path / "refined").state.engine.model
+    assert type(served).__name__ == "WatermarkedModel", "every served model is watermarked"
+    assert served.inner.refine is False
+    assert app_for(tmp_path, "--refine", model=tmp_path / "refined").state.engine.model.inner.refine is True
     with pytest.raises(EmoteError, match="refine needs a model with a portrait refiner"):
         app_for(tmp_path, "--refine", model=tiny_model_dir)
 

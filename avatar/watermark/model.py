@@ -14,16 +14,21 @@ from .badge import add_badge
 from .embed import MAX_SIDE, MIN_SIDE, Watermarker, default_payload
 
 
+def mark_frame(marker: Watermarker, frame: np.ndarray, badge: bool = False) -> np.ndarray:
+    """The mark (and the badge when asked) on one generated frame. Frames under 128 px a side (only the tiny test
+    models make them) cannot hold the mark and pass unmarked; every shipped model's frames are larger."""
+    if MIN_SIDE <= min(frame.shape[:2]) and max(frame.shape[:2]) <= MAX_SIDE:
+        frame = marker.mark(frame)
+    return add_badge(frame) if badge else frame
+
+
 class WatermarkedModel:
     def __init__(self, model, badge: bool = False):
         self.inner, self.spec, self.badge = model, model.spec, badge
         self.marker = Watermarker(default_payload(model.spec.name))
 
     def mark(self, frame: np.ndarray) -> np.ndarray:
-        # Frames under 128 px a side (the tiny test models') cannot hold the mark; every shipped model's can.
-        if MIN_SIDE <= min(frame.shape[:2]) and max(frame.shape[:2]) <= MAX_SIDE:
-            frame = self.marker.mark(frame)
-        return add_badge(frame) if self.badge else frame
+        return mark_frame(self.marker, frame, self.badge)
 
     def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
         return self.inner.prepare_avatar(avatar_id, portrait, cache_dir)
