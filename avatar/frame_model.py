@@ -104,3 +104,22 @@ class FrameModel(Protocol):
         """One batch of windows, possibly from many sessions and avatars. Deterministic given each request's
         (seed, index, carry, audio)."""
         ...
+
+
+class FrameModelWrapper:
+    """A FrameModel around another one: every method delegates to `inner`; subclasses override `generate`."""
+
+    def __init__(self, model: FrameModel):
+        self.inner, self.spec = model, model.spec
+
+    def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
+        return self.inner.prepare_avatar(avatar_id, portrait, cache_dir)
+
+    def example_avatar(self) -> AvatarHandle:
+        return self.inner.example_avatar()
+
+    def new_audio_encoder(self) -> StreamingAudioEncoder:
+        return self.inner.new_audio_encoder()
+
+    def generate(self, requests: Sequence[WindowRequest], steps: int) -> BatchResult:
+        return self.inner.generate(requests, steps)

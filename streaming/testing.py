@@ -5,38 +5,28 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from avatar.frame_model import SIMULATED_SECONDS, AvatarHandle, BatchResult, FrameModel, WindowRequest, WindowResult
+from avatar.frame_model import SIMULATED_SECONDS, BatchResult, FrameModel, FrameModelWrapper, WindowRequest, WindowResult
 from avatar.solid_model import RmsEncoder, SolidColourModel
 
 __all__ = ["FakeInputStream", "RmsEncoder", "SimulatedCost", "SolidColourModel"]
 
 
-class SimulatedCost:
+class SimulatedCost(FrameModelWrapper):
     """Wraps any FrameModel: its real time is not counted; instead each batch costs `seconds_per_step` per window per
     step plus `fixed_seconds_per_frame`, waited out on the engine's clock. Records the latest requests, results and
     (batch size, steps) calls, bounded."""
 
     def __init__(self, model: FrameModel, seconds_per_step: float = 0.0, fixed_seconds_per_frame: float = 0.0,
                  record: int = 64):
-        self.inner, self.spec = model, model.spec
+        super().__init__(model)
         self.seconds_per_step, self.fixed_seconds_per_frame = seconds_per_step, fixed_seconds_per_frame
         self.calls: deque[tuple[int, int]] = deque(maxlen=record)
         self.requests: deque[WindowRequest] = deque(maxlen=record)
         self.results: deque[WindowResult] = deque(maxlen=record)
-
-    def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
-        return self.inner.prepare_avatar(avatar_id, portrait, cache_dir)
-
-    def example_avatar(self) -> AvatarHandle:
-        return self.inner.example_avatar()
-
-    def new_audio_encoder(self):
-        return self.inner.new_audio_encoder()
 
     def generate(self, requests: Sequence[WindowRequest], steps: int) -> BatchResult:
         result = self.inner.generate(requests, steps)

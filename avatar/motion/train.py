@@ -141,6 +141,27 @@ def _save_state(path: Path, model: MotionBackbone, optimizer, step: int, extra: 
     os.replace(tmp, path)
 
 
+def _optimise(model: MotionBackbone, optimizer, loss: torch.Tensor, lr: float) -> float:
+    """One clipped AdamW step at `lr`; the loss as a float."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _progress(phase: str, step: int, cfg: TrainConfig, losses: list[float], began: float, log, state_path,
+              model: MotionBackbone, optimizer) -> None:
+    """The log line every `log_every` steps and the resumable state every 500."""
+    if (step + 1) % cfg.log_every == 0:
+        recent = float(np.mean(losses[-cfg.log_every:]))
+        log(f"{phase} step {step + 1}/{cfg.steps} loss {recent:.4f} ({time.perf_counter() - began:.0f} s)")
+    if state_path is not None and (step + 1) % 500 == 0:
+        _save_state(state_path, model, optimizer, step + 1, {"phase": phase, "losses": losses})
+
+
 def train_teacher(model: MotionBackbone, sampler: WindowSampler, cfg: TrainConfig,
                   state_path: Path | None = None, log: Callable[[str], None] = print) -> list[float]:
     """Flow-matching training; resumes from `state_path` when it holds a teacher state. Returns the loss curve."""
@@ -168,18 +189,8 @@ def train_teacher(model: MotionBackbone, sampler: WindowSampler, cfg: TrainConfi
         pred = model(x_t, t, b["audio"], b["reference"], b["previous"], b["speaking"],
                      audio_keep=b["audio_keep"], previous_keep=b["previous_keep"])
         loss = weighted_mse(pred, b["x0"])
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg.steps, cfg.lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0:
-            recent = float(np.mean(losses[-cfg.log_every:]))
-            log(f"teacher step {step + 1}/{cfg.steps} loss {recent:.4f} ({time.perf_counter() - began:.0f} s)")
-        if state_path is not None and (step + 1) % 500 == 0:
-            _save_state(state_path, model, optimizer, step + 1, {"phase": "teacher", "losses": losses})
+        losses.append(_optimise(model, optimizer, loss, _lr(step, cfg.steps, cfg.lr)))
+        _progress("teacher", step, cfg, losses, began, log, state_path, model, optimizer)
     model.eval()
     return losses
 
@@ -236,18 +247,8 @@ def distill(teacher: MotionBackbone, sampler: WindowSampler, cfg: TrainConfig, g
         pred = student(x_t, t, b["audio"], b["reference"], b["previous"], b["speaking"],
                        previous_keep=b["previous_keep"])
         loss = weighted_mse(pred, target)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg.steps, cfg.lr * 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0:
-            recent = float(np.mean(losses[-cfg.log_every:]))
-            log(f"student step {step + 1}/{cfg.steps} loss {recent:.4f} ({time.perf_counter() - began:.0f} s)")
-        if state_path is not None and (step + 1) % 500 == 0:
-            _save_state(state_path, student, optimizer, step + 1, {"phase": "student", "losses": losses})
+        losses.append(_optimise(student, optimizer, loss, _lr(step, cfg.steps, cfg.lr * 0.5)))
+        _progress("student", step, cfg, losses, began, log, state_path, student, optimizer)
     student.eval()
     return student, losses
 

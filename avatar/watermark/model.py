@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from avatar.frame_model import AvatarHandle, BatchResult, WindowRequest, WindowResult
+from avatar.frame_model import BatchResult, FrameModel, FrameModelWrapper, WindowRequest, WindowResult
 
 from .badge import add_badge
 from .embed import MAX_SIDE, MIN_SIDE, Watermarker, default_payload
@@ -22,22 +21,14 @@ def mark_frame(marker: Watermarker, frame: np.ndarray, badge: bool = False) -> n
     return add_badge(frame) if badge else frame
 
 
-class WatermarkedModel:
-    def __init__(self, model, badge: bool = False):
-        self.inner, self.spec, self.badge = model, model.spec, badge
+class WatermarkedModel(FrameModelWrapper):
+    def __init__(self, model: FrameModel, badge: bool = False):
+        super().__init__(model)
+        self.badge = badge
         self.marker = Watermarker(default_payload(model.spec.name))
 
     def mark(self, frame: np.ndarray) -> np.ndarray:
         return mark_frame(self.marker, frame, self.badge)
-
-    def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None) -> AvatarHandle:
-        return self.inner.prepare_avatar(avatar_id, portrait, cache_dir)
-
-    def example_avatar(self) -> AvatarHandle:
-        return self.inner.example_avatar()
-
-    def new_audio_encoder(self):
-        return self.inner.new_audio_encoder()
 
     def generate(self, requests: Sequence[WindowRequest], steps: int) -> BatchResult:
         result = self.inner.generate(requests, steps)
