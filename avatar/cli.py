@@ -155,6 +155,10 @@ def run_render(args: argparse.Namespace) -> int:
     for path in (args.sign_cert, args.sign_key):
         if path is not None and not path.is_file():
             raise EmoteError(f"{path} does not exist")
+    if args.sign_cert is not None:  # an unusable key is refused before a long render, not after it
+        from .watermark.provenance import load_signer
+
+        load_signer(args.sign_cert, args.sign_key)
     if is_pixel_model(args.model):
         return _render_pixel(args)
     return _render_photo(args)
@@ -202,7 +206,8 @@ def _render_photo(args: argparse.Namespace) -> int:
     image = load_portrait(args.portrait)
     audio = _load_audio(args.audio)
     model = MotionPhotoModel.from_pretrained(args.model, size=args.size)
-    avatar = model.prepare_avatar("render", image, face=args.face, name=str(args.portrait))
+    avatar = model.prepare_avatar("render", image, face=args.face, name=str(args.portrait),
+                                  keep_original=args.full_frame)
     for warning in avatar.state.analysis.warnings:
         sys.stderr.write(f"emote: warning: {warning}\n")
     frames = model.render_offline(avatar, audio, seed=args.seed, steps=args.steps or model.spec.default_steps,

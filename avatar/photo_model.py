@@ -5,6 +5,7 @@ with the same seed make the same frames.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ class MotionPhotoModel:
     # ---- avatars -------------------------------------------------------------------------------------------------
 
     def prepare_avatar(self, avatar_id: str, portrait: np.ndarray, cache_dir: Path | None = None,
-                       face: int | None = None, name: str = "portrait") -> AvatarHandle:
+                       face: int | None = None, name: str = "portrait", keep_original: bool = False) -> AvatarHandle:
+        """`keep_original` keeps the whole photo in memory for paste-back (`--full-frame`); live avatars hold only
+        their crop, since a served photo can be tens of megapixels."""
         from .photo.analysis import PhotoAnalysis, analyse_portrait
         from .photo.renderer import PhotoRenderer
 
@@ -82,6 +85,8 @@ class MotionPhotoModel:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 analysis.save(cached)
+        if not keep_original:
+            analysis = dataclasses.replace(analysis, original=None)
         return AvatarHandle(avatar_id, analysis.crop, PhotoAvatar(analysis, PhotoRenderer(analysis)))
 
     def example_avatar(self) -> AvatarHandle:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from PIL import Image
 from avatar.errors import EmoteError
 from avatar.frame_model import AvatarHandle, FrameModel
 from avatar.media import decode_portrait, load_image
+
+logger = logging.getLogger("emote.avatars")
 
 DEFAULT_AVATAR_ID = "default"
 DRAWN_PORTRAIT = Path(__file__).resolve().parents[1] / "avatar" / "assets" / "default_portrait.png"
@@ -115,7 +118,10 @@ class AvatarStore:
                     info = AvatarInfo.from_json(json.loads((directory / "avatar.json").read_text()))
                     self._remember(self._read_avatar(info.id, refresh_preview=True))
                 except (EmoteError, OSError, ValueError, KeyError, TypeError) as exc:
-                    raise EmoteError(f"avatar {directory} is damaged: {exc}") from exc
+                    # One avatar this model refuses (or a damaged one) must not keep the server from starting: it
+                    # stays on disk, unlisted, and the log says why.
+                    logger.warning("avatar %s is not served: %s", directory.name, exc)
+                    continue
                 self._infos[info.id] = info
 
     def _read_avatar(self, avatar_id: str, refresh_preview: bool = False) -> AvatarHandle:
@@ -145,11 +151,18 @@ class AvatarStore:
         self.info(avatar_id)
         if avatar_id in self._builtin:
             return self._builtin[avatar_id]
-        if avatar_id not in self._loaded:
-            avatar = await asyncio.get_running_loop().run_in_executor(self._worker, self._read_avatar, avatar_id)
-            self._remember(avatar)
-        self._loaded.move_to_end(avatar_id)
-        return self._loaded[avatar_id]
+        async with self._lock:  # not while a delete renames the directory away
+            if avatar_id not in self._infos:
+                raise AvatarNotFound(avatar_id)
+            if avatar_id not in self._loaded:
+                try:
+                    avatar = await asyncio.get_running_loop().run_in_executor(self._worker, self._read_avatar,
+                                                                              avatar_id)
+                except OSError as exc:
+                    raise EmoteError(f"avatar {avatar_id} could not be loaded: {exc}") from exc
+                self._remember(avatar)
+            self._loaded.move_to_end(avatar_id)
+            return self._loaded[avatar_id]
 
     def _remember(self, avatar: AvatarHandle) -> None:
         self._loaded[avatar.avatar_id] = avatar

@@ -31,7 +31,8 @@ class AudioInput:
         elif samples.dtype.kind == "i":
             samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max + 1)
         elif samples.dtype.kind == "f":
-            samples = samples.astype(np.float32, copy=False)
+            # Float PCM from a library caller may hold NaN/inf or overshoot: one bad chunk must not stop the engine.
+            samples = np.clip(np.nan_to_num(samples.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
         else:
             raise EmoteError(f"unsupported PCM dtype {samples.dtype}")
         if samples.ndim == 1:

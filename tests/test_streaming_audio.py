@@ -126,3 +126,11 @@ def test_float_planar_and_int16_inputs_agree_at_16k():
     b = converter.convert(x.astype(np.float32) / 32768, 16000, 1)
     c = converter.convert(np.stack([x, x], 1), 16000, 2)
     assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_float_pcm_with_nan_inf_or_overshoot_is_made_safe():
+    """A library caller's bad float chunk becomes silence or full scale, never NaN that would stop the engine."""
+    converter = AudioInput()
+    out = converter.convert(np.array([np.nan, np.inf, -np.inf, 3.0, -0.25], np.float32), 16000)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, np.array([0.0, 1.0, -1.0, 1.0, -0.25], np.float32))

@@ -51,7 +51,7 @@ class PhotoAnalysis:
     reference: np.ndarray  # float32 (REFERENCE_DIM,)
     landmarks: np.ndarray  # float32 (478, 3) in crop pixels (x, y, z; z in pixels, negative towards the camera)
     warnings: list[str]
-    original: np.ndarray  # uint8 (H, W, 3): the photo, for paste-back
+    original: np.ndarray | None  # uint8 (H, W, 3): the photo, for paste-back (None: not kept in memory)
     to_crop: np.ndarray  # float64 (2, 3): affine original pixels -> crop pixels
     colors: dict[str, np.ndarray] = field(default_factory=dict)  # float32 RGB in [0, 1]: lip, skin, sclera, dark
     grain: float = 0.0  # the photo's pixel noise (std of luma high-pass on the cheeks, 0-255 units)

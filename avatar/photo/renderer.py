@@ -12,6 +12,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from avatar.errors import EmoteError
+
 from avatar.motion.spec import INDEX, MOTION_DIM, POSE_NAMES, clip
 from avatar.photo import mesh
 from avatar.photo.analysis import PhotoAnalysis
@@ -226,6 +228,8 @@ class PhotoRenderer:
         """The frame feathered back into the original photo, downscaled so that its longer side is at most
         `max_side` (sides made even, as yuv420 video needs). Only the crop's footprint is warped and blended."""
         original = self.analysis.original
+        if original is None:
+            raise EmoteError("this avatar was prepared without its whole photo (keep_original=False): no paste-back")
         h, w = original.shape[:2]
         scale = 1.0 if max_side is None or max(h, w) <= max_side else max_side / max(h, w)
         if self._paste is None or self._paste[0] != scale:

@@ -43,7 +43,7 @@ def write_provenance(mp4_path, model_name: str, sign_cert=None, sign_key=None) -
         raise EmoteError(f"no such file: {path}")
     if (sign_cert is None) != (sign_key is None):
         raise EmoteError("--sign-cert and --sign-key go together: give both or neither")
-    signer = _signer(Path(sign_cert), Path(sign_key)) if sign_cert is not None else None
+    signer = load_signer(Path(sign_cert), Path(sign_key)) if sign_cert is not None else None
     tagged = _temp_beside(path)
     try:
         _remux_with_tags(path, tagged, plain_tags(model_name))
@@ -84,7 +84,8 @@ def _remux_with_tags(source: Path, dest: Path, tags: dict[str, str]) -> None:
         raise EmoteError(f"{source}: not a readable MP4 ({exc})") from None
 
 
-def _signer(cert_path: Path, key_path: Path):
+def load_signer(cert_path: Path, key_path: Path):
+    """A C2PA signer from a PEM certificate chain and key; EmoteError naming what is unusable."""
     try:
         import c2pa
     except ImportError:
