@@ -16,8 +16,8 @@ def register(subparsers) -> None:
         "eval", help="score a model or a video against the oracle on held-out clips",
         description="Render held-out clips in still-head mode and score lip sync, PSNR, SSIM, drift and flicker.")
     parser.add_argument("--model", default=None,
-                        help="pixel model directory (default: the bundled motion model, rendered by the corpus "
-                             "renderer; see avatar/motion/evaluate.py)")
+                        help="a motion model directory (config.json) or a pixel model directory (model_index.json); "
+                             "default: the bundled motion model, its motion rendered by the corpus renderer")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--strength", type=strength_arg, default=None,
                         help="warm-start strength, 1 = from pure noise (default: the model's)")
@@ -108,7 +108,7 @@ def _motion_summary(result: dict) -> str:
 
 
 def run_motion_eval(args: argparse.Namespace) -> int:
-    """`emote eval` without --model: the bundled motion model on the held-out clips."""
+    """`emote eval` without --model (or with a motion model's directory): the motion model on the held-out clips."""
     if args.strength is not None:
         raise EmoteError("--strength applies to the pixel model; add --model DIR")
     from avatar.eval import evaluate
@@ -119,7 +119,8 @@ def run_motion_eval(args: argparse.Namespace) -> int:
         clips = evaluate.load_eval_clips(args.data, args.clips, log=log)
         if not clips:
             raise EmoteError("the corpus has no held-out (test) clips; write more hours or identities")
-        result = evaluate_motion_model(None, args.steps or 1, clips, args.seed, log)
+        model = str(args.model) if args.model is not None else None
+        result = evaluate_motion_model(model, args.steps or 1, clips, args.seed, log)
     except (FileNotFoundError, ValueError) as exc:
         raise _user_error(exc) from None
     print(json.dumps(result, sort_keys=True) if args.json else _motion_summary(result))
@@ -128,7 +129,9 @@ def run_motion_eval(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     _check(args)
-    if args.model is None and args.video is None:
+    model = Path(args.model) if args.model is not None else None
+    motion_dir = model is not None and (model / "config.json").is_file() and not (model / "model_index.json").is_file()
+    if args.video is None and (args.model is None or motion_dir):
         return run_motion_eval(args)
     from avatar.eval import evaluate
 
