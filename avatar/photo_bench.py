@@ -49,7 +49,7 @@ def run_photo_bench(model: MotionPhotoModel, steps: int = 1, seconds: float = 4.
             avatar.state.renderer.render_many(motion)
             motion_time += b - a
             render_time += time.perf_counter() - b
-            carry = model._carry(carry, motion)
+            carry = model.next_carry(carry, motion)
         encode_s.append(t1 - t0)
         motion_s.append(motion_time)
         render_s.append(render_time)

@@ -111,7 +111,7 @@ class MotionPhotoModel:
         results = []
         for request, frames_motion in zip(requests, motion):
             frames = request.avatar.state.renderer.render_many(frames_motion)
-            results.append(WindowResult(frames, self._carry(request.carry, frames_motion)))
+            results.append(WindowResult(frames, self.next_carry(request.carry, frames_motion)))
         t2 = time.perf_counter()
         return BatchResult(results, step_seconds=t1 - t0, fixed_seconds=t2 - t1,
                            timings={"motion": t1 - t0, "render": t2 - t1})
@@ -138,7 +138,8 @@ class MotionPhotoModel:
                 out[i] = m
         return out  # type: ignore[return-value]
 
-    def _carry(self, previous: np.ndarray | None, motion: np.ndarray) -> np.ndarray:
+    def next_carry(self, previous: np.ndarray | None, motion: np.ndarray) -> np.ndarray:
+        """The last M motion frames, the carry of a session's next window."""
         m = self.generator.motion_frames
         if previous is not None and motion.shape[0] < m:  # a window shorter than the carry keeps older frames too
             motion = np.concatenate([previous, motion])

@@ -230,3 +230,19 @@ def test_pose_leak_pulls_the_carried_head_pose_toward_rest():
     assert torch.equal(plain, outs[0.0])  # the default reads the (absent) config value: no leak
     assert not torch.equal(outs[0.0], outs[0.5])
     assert previous[0, 0, spec.INDEX["yaw"]] == 10.0  # the caller's carry is not modified
+
+
+def test_training_resumes_from_its_saved_state(tmp_path):
+    """A rerun with the same state file continues the teacher where it stopped (state every 500 steps)."""
+    from avatar.motion.data import corpus_clip
+    from avatar.motion.train import TrainConfig, WindowSampler, train_teacher
+
+    sampler = WindowSampler([corpus_clip(2402, 0)[0]], motion_frames=4)
+    state = tmp_path / "state.pt"
+    model = MotionBackbone(width=16, layers=1, heads=2, audio_hidden=16)
+    first = train_teacher(model, sampler, TrainConfig(steps=500, batch=2, log_every=1000), state, log=lambda l: None)
+    lines: list[str] = []
+    again = train_teacher(MotionBackbone(width=16, layers=1, heads=2, audio_hidden=16), sampler,
+                          TrainConfig(steps=510, batch=2, log_every=1000), state, log=lines.append)
+    assert lines[0] == "teacher: resumed at step 500"
+    assert again[:500] == first and len(again) == 510

@@ -141,6 +141,19 @@ def _save_state(path: Path, model: MotionBackbone, optimizer, step: int, extra: 
     os.replace(tmp, path)
 
 
+def _resume(state_path: Path | None, phase: str, model: MotionBackbone, optimizer, log) -> tuple[int, list[float]]:
+    """(first step, loss curve so far): from `state_path` when it holds this phase's state, else (0, [])."""
+    if state_path is None or not state_path.is_file():
+        return 0, []
+    state = torch.load(state_path, weights_only=False)
+    if state.get("phase") != phase:
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log(f"{phase}: resumed at step {state['step']}")
+    return state["step"], state.get("losses", [])
+
+
 def _optimise(model: MotionBackbone, optimizer, loss: torch.Tensor, lr: float) -> float:
     """One clipped AdamW step at `lr`; the loss as a float."""
     for group in optimizer.param_groups:
@@ -166,14 +179,7 @@ def train_teacher(model: MotionBackbone, sampler: WindowSampler, cfg: TrainConfi
                   state_path: Path | None = None, log: Callable[[str], None] = print) -> list[float]:
     """Flow-matching training; resumes from `state_path` when it holds a teacher state. Returns the loss curve."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    start, losses = 0, []
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("phase") == "teacher":
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, losses = state["step"], state.get("losses", [])
-            log(f"teacher: resumed at step {start}")
+    start, losses = _resume(state_path, "teacher", model, optimizer, log)
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     began = time.perf_counter()
@@ -221,14 +227,7 @@ def distill(teacher: MotionBackbone, sampler: WindowSampler, cfg: TrainConfig, g
     student = MotionBackbone.from_config(config)
     student.load_state_dict(teacher.state_dict())
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr * 0.5, weight_decay=0.01)
-    start, losses = 0, []
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("phase") == "student":
-            student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, losses = state["step"], state.get("losses", [])
-            log(f"student: resumed at step {start}")
+    start, losses = _resume(state_path, "student", student, optimizer, log)
     teacher.eval()
     student.train()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
