@@ -18,7 +18,7 @@ const TOKEN_KEY = "emote-live.token";
 const ICE_GATHER_TIMEOUT_MS = 4000; // send what we have: an unreachable STUN/TURN server must not hang Start
 const CONNECT_TIMEOUT_MS = 20000;
 
-let config = { ice_servers: [], auth_required: false, max_upload_bytes: 10 * 2 ** 20 };
+let config = { ice_servers: [], auth_required: false, authorized: true, max_upload_bytes: 10 * 2 ** 20 };
 let avatarList = [];
 let selectedAvatar = "default";
 let session = null; // the live session's resources, see start()
@@ -47,7 +47,19 @@ function token() {
 }
 
 function authHeaders() {
-  return config.auth_required && token() ? { Authorization: `Bearer ${token()}` } : {};
+  return token() ? { Authorization: `Bearer ${token()}` } : {};
+}
+
+// `emote serve` prints the page's URL with #token=…: keep the token and take it out of the address bar (and so out
+// of bookmarks and screenshots). A fragment never reaches the server, so it is in no access log either.
+function takeTokenFromUrl() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const value = params.get("token");
+  if (value === null) return;
+  localStorage.setItem(TOKEN_KEY, value.trim());
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
 }
 
 class ApiError extends Error {
@@ -81,6 +93,11 @@ function describeError(code, message, status) {
   if (code === "too_large" || status === 413) {
     return `That image is too large (the limit is ${Math.round(config.max_upload_bytes / 2 ** 20)} MB).`;
   }
+  if (code === "rate_limited" || status === 429) {
+    return "Too many requests from this address. Please wait a moment and try again.";
+  }
+  if (code === "quota_exceeded") return "The server's avatar storage is full. Delete an avatar first.";
+  if (code === "forbidden_origin") return "The server refuses connections from this page's address (origin).";
   if (code === "bad_image") return `That image cannot be used: ${message}`;
   if (code === "unknown_avatar") return "That avatar no longer exists. Pick another one.";
   return message ? `Error: ${message}` : "Something went wrong.";
@@ -93,6 +110,27 @@ function showTokenBox() {
 
 // ---- avatars --------------------------------------------------------------------------------------------------
 
+// Portraits need the token, which an <img src> cannot send: fetch each once and show it as a blob: URL.
+const portraits = new Map(); // avatar id -> Promise of a blob: URL ("" when it could not be fetched)
+
+function portraitUrl(avatar) {
+  if (!portraits.has(avatar.id)) {
+    portraits.set(avatar.id, fetch(avatar.portrait_url, { headers: authHeaders() })
+      .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(`${response.status}`))))
+      .then((blob) => URL.createObjectURL(blob))
+      .catch(() => { portraits.delete(avatar.id); return ""; }));
+  }
+  return portraits.get(avatar.id);
+}
+
+function forgetPortraits(keep = []) {
+  for (const [id, url] of [...portraits]) {
+    if (keep.includes(id)) continue;
+    portraits.delete(id);
+    url.then((blobUrl) => blobUrl && URL.revokeObjectURL(blobUrl));
+  }
+}
+
 async function loadAvatars() {
   try {
     avatarList = await api("/api/avatars");
@@ -101,6 +139,7 @@ async function loadAvatars() {
                                         : "Cannot reach the server.", "error");
     return;
   }
+  forgetPortraits(avatarList.map((a) => a.id));
   if (!avatarList.some((a) => a.id === selectedAvatar)) {
     selectedAvatar = avatarList.length ? avatarList[0].id : "default";
   }
@@ -120,9 +159,8 @@ function renderAvatars() {
     input.disabled = state !== "idle";
     input.addEventListener("change", () => { selectedAvatar = avatar.id; showPlaceholder(); updateDeleteButton(); });
     const img = document.createElement("img");
-    img.src = avatar.portrait_url;
     img.alt = "";
-    img.loading = "lazy";
+    portraitUrl(avatar).then((url) => { if (url) img.src = url; });
     const name = document.createElement("span");
     name.textContent = avatar.name;
     label.append(input, img, name);
@@ -139,8 +177,12 @@ function selectedInfo() {
 function showPlaceholder() {
   const info = selectedInfo();
   if (state === "idle" && info) {
-    ui.placeholder.src = info.portrait_url;
-    ui.placeholder.hidden = false;
+    portraitUrl(info).then((url) => {
+      if (url && state === "idle" && selectedAvatar === info.id) {
+        ui.placeholder.src = url;
+        ui.placeholder.hidden = false;
+      }
+    });
   }
 }
 
@@ -211,9 +253,12 @@ async function start() {
   }
 
   setStatus("Connecting…");
+  // Fresh TURN credentials for this session (they are short-lived; the page may have been open for hours).
+  config = await api("/api/config").catch(() => config);
+  if (current.ended) return stopTracks(current.mic);
   const wsUrl = new URL("/ws", location.href);
   wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  if (config.auth_required) wsUrl.searchParams.set("token", token());
+  if (token()) wsUrl.searchParams.set("token", token()); // browsers cannot set headers on a WebSocket
   const ws = new WebSocket(wsUrl);
   current.ws = ws;
   ws.addEventListener("message", (event) => onSignal(current, event));
@@ -327,6 +372,7 @@ async function onSignal(current, event) {
 function onSocketClosed(current, event) {
   if (session !== current || current.ended) return;
   if (event.code === 4401) return fail(current, describeError("unauthorized"));
+  if (event.code === 4403) return fail(current, describeError("forbidden_origin"));
   fail(current, state === "live" ? "The connection to the server was lost." : "Cannot reach the server.");
 }
 
@@ -447,16 +493,15 @@ function resetStats() {
 // ---- start-up -------------------------------------------------------------------------------------------------
 
 async function init() {
+  takeTokenFromUrl();
   setState("idle");
   try {
-    config = await api("/api/config");
-    // TURN credentials are only handed out with a valid token: ask again once we know one is needed.
-    if (config.auth_required && token()) config = await api("/api/config").catch(() => config);
+    config = await api("/api/config"); // with the token: ICE servers (TURN credentials) only come with it
   } catch {
     setStatus("Cannot reach the server. Reload the page to try again.", "error");
     return;
   }
-  if (config.auth_required) showTokenBox();
+  if (config.auth_required && !config.authorized) showTokenBox();
   fitVideoBox();
   await loadAvatars();
 }
@@ -481,7 +526,9 @@ ui.unmute.addEventListener("click", () => {
 ui.saveToken.addEventListener("click", async () => {
   localStorage.setItem(TOKEN_KEY, ui.token.value.trim());
   setStatus("Token saved.");
+  forgetPortraits();
   config = await api("/api/config").catch(() => config);
+  if (config.authorized) ui.tokenBox.hidden = true;
   await loadAvatars();
 });
 ui.token.addEventListener("keydown", (event) => { if (event.key === "Enter") ui.saveToken.click(); });

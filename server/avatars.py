@@ -17,10 +17,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -68,6 +68,10 @@ class AvatarNotFound(KeyError):
     pass
 
 
+class QuotaExceeded(Exception):
+    """The store holds its maximum of uploaded avatars."""
+
+
 @dataclass(frozen=True)
 class AvatarInfo:
     id: str
@@ -89,10 +93,12 @@ def valid_avatar_id(avatar_id: str) -> bool:
 
 
 class AvatarStore:
-    def __init__(self, root: Path, model: FrameModel, builtins: tuple[Builtin, ...] = BUILTINS):
+    def __init__(self, root: Path, model: FrameModel, builtins: tuple[Builtin, ...] = BUILTINS,
+                 max_uploads: int | None = None):
         self.root = root
         self.model = model
         self.builtins = builtins
+        self.max_uploads = max_uploads  # None: no quota
         self._infos: dict[str, AvatarInfo] = {}
         self._loaded: OrderedDict[str, AvatarHandle] = OrderedDict()  # LRU of uploaded avatars
         self._builtin: dict[str, AvatarHandle] = {}
@@ -178,6 +184,9 @@ class AvatarStore:
     def __len__(self) -> int:
         return len(self._infos)
 
+    def uploads(self) -> int:
+        return sum(not info.builtin for info in self._infos.values())
+
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
@@ -185,11 +194,13 @@ class AvatarStore:
 
     async def create(self, data: bytes, name: str) -> AvatarInfo:
         """Decode an upload, let the model prepare it once (its cache persisted), store it atomically. A portrait
-        the model refuses raises its EmoteError, and nothing is written."""
-        info = AvatarInfo(uuid.uuid4().hex, name[:80] or "Avatar", time.time())
+        the model refuses raises its EmoteError, and nothing is written; a full store raises QuotaExceeded."""
+        info = AvatarInfo(secrets.token_hex(16), name[:80] or "Avatar", time.time())
         # One upload at a time on the store's own thread: decoding a large image and the model's analysis stay off
         # the event loop and out of the default executor that aiortc encodes video on.
         async with self._lock:
+            if self.max_uploads is not None and self.uploads() >= self.max_uploads:
+                raise QuotaExceeded(f"the server keeps at most {self.max_uploads} uploaded avatars; delete one first")
             avatar = await asyncio.get_running_loop().run_in_executor(self._worker, self._prepare, info, data)
             self._infos[info.id] = info
             self._remember(avatar)

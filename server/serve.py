@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from avatar.errors import EmoteError
 
+from .security import TOKEN_FILE, load_or_create_token
 from .settings import DEFAULT_DATA_DIR, MAX_SIZE, MIN_SIZE, IceServer, Settings
 
 
@@ -25,8 +27,33 @@ def register(subparsers) -> None:
     serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
                        help="stun:HOST:PORT or turn:USER:PASS@HOST:PORT (repeatable)")
     serve.add_argument("--token", default=os.environ.get("EMOTE_TOKEN"),
-                       help="bearer token for the API (default: $EMOTE_TOKEN); required off loopback")
-    serve.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a token")
+                       help="bearer token for every API route and WebSocket (default: $EMOTE_TOKEN, else one kept in "
+                            "DATA_DIR/token; the start-up line prints the page's URL with it)")
+    serve.add_argument("--no-auth", action="store_true", help="serve without any token: anyone who reaches the "
+                       "port may use every route")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the token")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a browser origin (https://HOST[:PORT]) besides the page's own that may open the "
+                            "WebSockets (repeatable)")
+    serve.add_argument("--turn-secret", default=os.environ.get("EMOTE_TURN_SECRET"),
+                       help="coturn's static-auth-secret (default: $EMOTE_TURN_SECRET): short-lived TURN "
+                            "credentials for the --turn-url servers")
+    serve.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                       help="turn:HOST:PORT[?transport=udp|tcp] that --turn-secret credentials are for (repeatable)")
+    serve.add_argument("--turn-ttl", type=int, default=3600, help="seconds TURN credentials stay valid (default 3600)")
+    serve.add_argument("--max-avatars", type=int, default=100,
+                       help="uploaded avatars kept; further uploads get 409 quota_exceeded (default 100)")
+    serve.add_argument("--session-rate-burst", type=int, default=10,
+                       help="new sessions one client may open at once (default 10)")
+    serve.add_argument("--session-rate-per-min", type=float, default=30.0,
+                       help="new sessions per client and minute after the burst; 0: no limit (default 30)")
+    serve.add_argument("--upload-rate-burst", type=int, default=10, help="avatar uploads per client at once (default 10)")
+    serve.add_argument("--upload-rate-per-min", type=float, default=20.0,
+                       help="avatar uploads per client and minute after the burst; 0: no limit (default 20)")
+    serve.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                       help="proxies whose X-Forwarded-For/-Proto are trusted, comma-separated or * (uvicorn's "
+                            "option; default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1). Rate limits count per "
+                            "client address, so a proxy in front must be trusted")
     serve.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EMOTE_DATA_DIR", DEFAULT_DATA_DIR)))
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without activity (default 300)")
     serve.add_argument("--max-duration", type=float, default=3600.0, help="seconds per session (default 3600)")
@@ -46,7 +73,9 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
+    """Validated settings. Without --token, $EMOTE_TOKEN or --no-auth, the token kept in `<data-dir>/token`
+    (made on first use)."""
+    settings = Settings(
         host=args.host,
         port=args.port,
         model=args.model,
@@ -55,6 +84,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ice_servers=tuple(IceServer.parse(url) for url in args.ice_server),
         token=args.token or None,
         allow_no_auth=args.no_auth,
+        public_metrics=args.public_metrics,
+        allow_origins=tuple(args.allow_origin),
+        turn_secret=args.turn_secret or None,
+        turn_urls=tuple(args.turn_url),
+        turn_ttl=args.turn_ttl,
+        max_avatars=args.max_avatars,
+        session_rate_burst=args.session_rate_burst,
+        session_rate_per_min=args.session_rate_per_min,
+        upload_rate_burst=args.upload_rate_burst,
+        upload_rate_per_min=args.upload_rate_per_min,
         data_dir=args.data_dir,
         idle_timeout=args.idle_timeout,
         max_duration=args.max_duration,
@@ -64,6 +103,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         size=args.size,
         badge=args.badge,
     ).validate()
+    if settings.token is None and settings.auth_required:  # after validation: a bad option touches no file
+        settings = dataclasses.replace(settings, token=load_or_create_token(settings.data_dir))
+    return settings
+
+
+def page_url(settings: Settings, token: str | None = None) -> str:
+    """The URL to open, with the token in the fragment (never sent to the server, so never in access logs)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{host}:{settings.port}/" + (f"#token={token}" if token else "")
 
 
 class RedactTokens(logging.Filter):
@@ -121,7 +171,7 @@ def build_app(settings: Settings):
 
     model = load_frame_model(settings.model, settings.device, refine=settings.refine, size=settings.size)
     model = WatermarkedModel(model, badge=settings.badge)  # every generated frame is marked; no switch turns it off
-    avatars = AvatarStore(settings.data_dir / "avatars", model)
+    avatars = AvatarStore(settings.data_dir / "avatars", model, max_uploads=settings.max_avatars)
     avatars.load()
     return create_app(settings, StreamingEngine(model), avatars)
 
@@ -139,14 +189,22 @@ def run_serve(args: argparse.Namespace) -> int:
 
     use_model_threads(settings.device)  # process-wide: once, before the model first runs
     app = build_app(settings)
-    scheme = "https" if settings.tls_cert else "http"
-    logging.getLogger("emote.server").info(f"serving on {scheme}://{settings.host}:{settings.port}/",
-                                           extra={"model": app.state.engine.spec.name})
+    logging.getLogger("emote.server").info(f"serving on {page_url(settings)}",
+                                           extra={"model": app.state.engine.spec.name,
+                                                  "auth": "token" if settings.auth_required else "none"})
+    if settings.auth_required and not args.token:
+        # stdout, not the log: the log redacts tokens. One line, for a person to open.
+        print(f"Open {page_url(settings, settings.token)} (the token is kept in {settings.data_dir / TOKEN_FILE})",
+              flush=True)
+    from .app import WS_MESSAGE_LIMIT
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
+        ws_max_size=WS_MESSAGE_LIMIT,  # larger messages are refused by the protocol layer (close 1009)
+        forwarded_allow_ips=args.forwarded_allow_ips,
         log_config=log_config,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,

@@ -1,11 +1,12 @@
 """Server settings, validated once at start-up."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from avatar.errors import EmoteError
+
+from .security import MIN_TOKEN_LENGTH, normalise_origin, turn_rest_credentials
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "emote-live"
 MIN_SIZE, MAX_SIZE = 256, 512  # --size: output frame size in pixels
@@ -46,8 +47,18 @@ class Settings:
     device: str = "cpu"
     max_sessions: int = 4
     ice_servers: tuple[IceServer, ...] = ()
-    token: str | None = None
-    allow_no_auth: bool = False
+    token: str | None = None  # required unless allow_no_auth (`emote serve` makes one in <data-dir>/token)
+    allow_no_auth: bool = False  # --no-auth: every route open to whoever reaches the port
+    public_metrics: bool = False  # /metrics without the token
+    allow_origins: tuple[str, ...] = ()  # browser origins besides the page's own that may open the WebSockets
+    turn_secret: str | None = None  # coturn's static-auth-secret: short-lived TURN credentials per client
+    turn_urls: tuple[str, ...] = ()  # turn:HOST:PORT the REST credentials are for
+    turn_ttl: int = 3600  # seconds the REST credentials stay valid
+    max_avatars: int = 100  # uploaded avatars kept (the bundled ones do not count)
+    session_rate_burst: int = 10  # new sessions per client at once (WHIP and /ws offers) ...
+    session_rate_per_min: float = 30.0  # ... refilled at this rate; 0: no limit
+    upload_rate_burst: int = 10
+    upload_rate_per_min: float = 20.0
     data_dir: Path = DEFAULT_DATA_DIR
     idle_timeout: float = 300.0  # seconds without media or control activity
     max_duration: float = 3600.0  # seconds, any session
@@ -67,12 +78,27 @@ class Settings:
             raise EmoteError(f"--max-sessions must be at least 1, got {self.max_sessions}")
         if self.idle_timeout <= 0 or self.max_duration <= 0:
             raise EmoteError("timeouts must be positive")
-        if self.token is not None and len(self.token) < 16:
-            raise EmoteError("--token must be at least 16 characters")
-        if not self.is_loopback and self.token is None and not self.allow_no_auth:
-            raise EmoteError(
-                f"binding {self.host} (not loopback) needs --token (or EMOTE_TOKEN); pass --no-auth to serve without one"
-            )
+        if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:
+            raise EmoteError(f"--token must be at least {MIN_TOKEN_LENGTH} characters")
+        if self.token is not None and self.allow_no_auth:
+            raise EmoteError("--no-auth and a token (--token or EMOTE_TOKEN) exclude each other")
+        if bool(self.turn_secret) != bool(self.turn_urls):
+            raise EmoteError("--turn-secret (or EMOTE_TURN_SECRET) and --turn-url go together")
+        for url in self.turn_urls:
+            scheme, _, rest = url.partition(":")
+            if scheme not in ("turn", "turns") or not rest or "@" in rest:
+                raise EmoteError(f"--turn-url {url!r} must look like turn:HOST:PORT (the credentials are made per client)")
+        if not 60 <= self.turn_ttl <= 7 * 86400:
+            raise EmoteError(f"--turn-ttl must be between 60 and 604800 seconds, got {self.turn_ttl}")
+        for origin in self.allow_origins:
+            normalise_origin(origin)
+        if self.max_avatars < 0:
+            raise EmoteError(f"--max-avatars must be 0 or more, got {self.max_avatars}")
+        for name in ("session_rate", "upload_rate"):
+            burst, per_min = getattr(self, f"{name}_burst"), getattr(self, f"{name}_per_min")
+            if burst < 1 or per_min < 0:
+                flag = name.replace("_", "-")
+                raise EmoteError(f"--{flag}-burst must be at least 1 and --{flag}-per-min 0 or more")
         if self.size is not None and not MIN_SIZE <= self.size <= MAX_SIZE:
             raise EmoteError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}, got {self.size}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -83,18 +109,25 @@ class Settings:
         return self
 
     @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+    def auth_required(self) -> bool:
+        return not self.allow_no_auth
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(normalise_origin(o) for o in self.allow_origins)
+
+    def ice_server_list(self, now: float | None = None) -> list[IceServer]:
+        """The static --ice-server entries, then the --turn-url ones with fresh REST credentials (valid turn_ttl s)."""
+        if not self.turn_secret:
+            return list(self.ice_servers)
+        username, credential = turn_rest_credentials(self.turn_secret, self.turn_ttl, now)
+        return [*self.ice_servers, *(IceServer(url, username, credential) for url in self.turn_urls)]
 
     @property
     def rtc_ice_servers(self) -> list:
-        """aiortc RTCIceServer objects. An empty list on purpose when none are set: aiortc's default is a public
-        STUN host, which may be unreachable and only slows gathering down."""
+        """aiortc RTCIceServer objects, with fresh TURN credentials on every call (each new peer). An empty list on
+        purpose when none are set: aiortc's default is a public STUN host, which may be unreachable and only slows
+        gathering down."""
         from aiortc import RTCIceServer
 
-        return [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in self.ice_servers]
+        return [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in self.ice_server_list()]

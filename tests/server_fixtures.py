@@ -6,6 +6,8 @@
 runs the solid-colour test model (`streaming.testing.SolidColourModel`, no torch model to load); pass
 `model=make_tiny_model(...)` for the pixel pipeline, or `model=DEFAULT_MODEL` for the default model (after
 `skip_without_default_model()`). `start_server(...)` / `stop_server(process)` when a fixture manages the lifetime.
+The server runs with `--no-auth` unless the arguments hold `--token` or `auth=True` is passed (then, without
+`--token`, it uses the token it keeps in its data dir: `read_token(tmp_path)`).
 """
 from __future__ import annotations
 
@@ -71,8 +73,13 @@ def get_json(url: str, timeout: float = 5.0, headers: dict | None = None):
         return json.loads(response.read())
 
 
+def read_token(tmp_path: Path) -> str:
+    """The token a server started with `auth=True` (and no --token) made in its data dir."""
+    return (tmp_path / "data" / "token").read_text().strip()
+
+
 def start_server(tmp_path: Path, *extra_args: str, model: Path | str | None = None,
-                 env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+                 env: dict[str, str] | None = None, auth: bool = False) -> tuple[str, subprocess.Popen]:
     """Start `emote serve` on 127.0.0.1 with a fresh data dir under `tmp_path` and wait until /healthz answers.
 
     Without `model`, the solid-colour test model (saved under `tmp_path`). The server's output goes to
@@ -82,11 +89,13 @@ def start_server(tmp_path: Path, *extra_args: str, model: Path | str | None = No
     port = free_port()
     log_path = tmp_path / "server.log"
     model_args = [] if model == DEFAULT_MODEL else ["--model", str(model)]
+    auth_args = [] if auth or "--token" in extra_args else ["--no-auth"]
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *model_args, "--data-dir", str(tmp_path / "data"), "--log-format", "text", *extra_args]
+               *model_args, "--data-dir", str(tmp_path / "data"), "--log-format", "text", *auth_args, *extra_args]
+    inherited = {k: v for k, v in os.environ.items() if k not in ("EMOTE_TOKEN", "EMOTE_TURN_SECRET")}
     with open(log_path, "wb") as log:  # the child keeps its own handle; a file never fills up like a pipe
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**inherited, **(env or {})})
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
@@ -118,8 +127,8 @@ def stop_server(process: subprocess.Popen, grace_s: float = 10.0) -> int:
 
 @contextlib.contextmanager
 def running_server(tmp_path: Path, *extra_args: str, model: Path | str | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    base_url, process = start_server(tmp_path, *extra_args, model=model, env=env)
+                   env: dict[str, str] | None = None, auth: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    base_url, process = start_server(tmp_path, *extra_args, model=model, env=env, auth=auth)
     try:
         yield base_url, process
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import speech_like, write_wav
-from server_fixtures import get_json, make_test_model, running_server
+from server_fixtures import get_json, make_test_model, read_token, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -192,18 +192,56 @@ def test_denied_microphone_is_explained(playwright, open_page):
         strict.close()
 
 
-def test_missing_token_is_explained(browser, server):
-    # The server under test has no token; a 401 from the avatar list stands in for one that does.
+@pytest.fixture(scope="module")
+def secured_server(tmp_path_factory):
+    """The quickstart: `emote serve` without --token keeps one in its data dir and prints the page's URL with it."""
+    tmp = tmp_path_factory.mktemp("secured-browser-server")
+    with running_server(tmp, "--max-sessions", "1", model=make_test_model(tmp / "model", FRAME_SIZE),
+                        auth=True) as (base_url, _):
+        printed = [line.split()[1] for line in (tmp / "server.log").read_text().splitlines() if line.startswith("Open ")]
+        assert printed == [f"{base_url}/#token={read_token(tmp)}"]
+        yield base_url, printed[0]
+
+
+def test_the_printed_url_opens_a_working_page(browser, secured_server):
+    base_url, printed = secured_server
     context = browser.new_context()
     try:
-        context.route("**/api/avatars", lambda route: route.fulfill(
-            status=401, content_type="application/json",
-            body='{"error": "unauthorized", "message": "a valid bearer token is required"}'))
         page = context.new_page()
-        page.goto(server + "/")
+        page.goto(printed)
+        page.wait_for_selector("#avatars input[value='default']")
+        assert page.evaluate("location.href") == base_url + "/", "the token leaves the address bar"
+        assert page.is_hidden("#token-box")
+        # Portraits need the token too: fetched with the header, shown as blob: URLs.
+        page.wait_for_function("[...document.querySelectorAll('#avatars img')].every((i) => i.src.startsWith('blob:')"
+                               " && i.naturalWidth > 0)", timeout=10_000)
+        start_session(page)
+        page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=30_000)
+        page.get_by_role("button", name="Stop").click()
+        page.wait_for_function("window.emote.state === 'idle'", timeout=5_000)
+        page.goto(base_url + "/")  # later visits: the page kept the token
+        page.wait_for_selector("#avatars input[value='default']")
+    finally:
+        context.close()
+
+
+def test_missing_token_is_explained(browser, secured_server):
+    base_url, printed = secured_server
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(base_url + "/")
         page.wait_for_function("document.getElementById('status').dataset.kind === 'error'", timeout=10_000)
         assert "needs an access token" in page.locator("#status").inner_text()
-        assert page.get_by_label("This server needs a token").is_visible()
+        box = page.get_by_label("This server needs a token")
+        assert box.is_visible()
+        box.fill("a-wrong-token-0123456789")
+        page.get_by_role("button", name="Save").click()
+        page.wait_for_function("document.getElementById('status').textContent.includes('refused')", timeout=10_000)
+        box.fill(printed.split("#token=")[1])
+        page.get_by_role("button", name="Save").click()
+        page.wait_for_selector("#avatars input[value='default']")
+        assert page.is_hidden("#token-box")
     finally:
         context.close()
 

@@ -25,11 +25,11 @@ def server(tmp_path_factory):
         yield base_url
 
 
-async def whip(base_url: str, pc: RTCPeerConnection, **params) -> tuple[str, httpx.Response]:
+async def whip(base_url: str, pc: RTCPeerConnection, headers: dict | None = None, **params) -> tuple[str, httpx.Response]:
     await pc.setLocalDescription(await pc.createOffer())
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         response = await client.post("/api/sessions", params=params, content=pc.localDescription.sdp,
-                                     headers={"Content-Type": "application/sdp"})
+                                     headers={"Content-Type": "application/sdp", **(headers or {})})
     assert response.status_code == 201, response.text
     await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
     return response.headers["Location"], response

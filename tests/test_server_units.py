@@ -22,15 +22,15 @@ def test_ice_server_urls_parse_with_and_without_credentials():
             IceServer.parse(bad)
 
 
-def test_settings_for_aiortc_and_loopback_rules():
+def test_settings_for_aiortc_and_auth_rules():
     settings = Settings(ice_servers=(IceServer.parse("turn:u:p@h:3478"),)).validate()
     (server,) = settings.rtc_ice_servers
     assert (server.urls, server.username, server.credential) == ("turn:h:3478", "u", "p")
     assert Settings().rtc_ice_servers == []  # not aiortc's default public STUN host
-    assert Settings(host="::1").is_loopback and Settings(host="localhost").is_loopback
-    assert Settings(host="0.0.0.0", allow_no_auth=True).validate()
-    with pytest.raises(EmoteError, match="needs --token"):
-        Settings(host="192.168.1.5").validate()
+    assert Settings(host="0.0.0.0", allow_no_auth=True).validate().auth_required is False
+    assert Settings(host="127.0.0.1").auth_required, "loopback is no exemption: behind a proxy every client is"
+    with pytest.raises(EmoteError, match="exclude each other"):
+        Settings(token="x" * 16, allow_no_auth=True).validate()
     with pytest.raises(EmoteError, match="go together"):
         Settings(tls_cert=Path("/x")).validate()
 
