@@ -43,15 +43,18 @@ class SolidColourModel:
     """Each frame is one solid colour: R = window index % 256, G = frame in window, B = 2 * (seed % 128) + speaking
     (`decode`). The carry counts a session's generated windows. Costs are simulated: `seconds_per_step` per window
     per step and `fixed_seconds_per_frame`, reported in `BatchResult.timings[SIMULATED_SECONDS]` for the engine to
-    wait out on its clock. Portraits under `min_side` pixels are refused, as a real model refuses unusable ones."""
+    wait out on its clock. Portraits under `min_side` pixels are refused, as a real model refuses unusable ones.
+    `noise` > 0 adds seeded per-frame pixel noise of that amplitude (the top-left 16x16 block, which `decode` reads,
+    stays exact), so frames encode to realistic sizes (several RTP packets) instead of a few bytes."""
 
     def __init__(self, width: int = 64, height: int = 64, frames_per_window: int = 4, context_frames: int = 2,
                  default_steps: int = 1, min_steps: int = 1, seconds_per_step: float = 0.0,
-                 fixed_seconds_per_frame: float = 0.0, min_side: int = 64, name: str = "solid-colour"):
+                 fixed_seconds_per_frame: float = 0.0, min_side: int = 64, name: str = "solid-colour",
+                 noise: int = 0):
         self.spec = ModelSpec(name, width, height, frames_per_window, context_frames, RmsEncoder.feature_dim,
                               default_steps=default_steps, min_steps=min_steps)
-        self.seconds_per_step, self.fixed_seconds_per_frame, self.min_side = (
-            seconds_per_step, fixed_seconds_per_frame, min_side)
+        self.seconds_per_step, self.fixed_seconds_per_frame, self.min_side, self.noise = (
+            seconds_per_step, fixed_seconds_per_frame, min_side, noise)
 
     @staticmethod
     def decode(image: np.ndarray) -> tuple[int, int, int, bool]:
@@ -101,6 +104,11 @@ class SolidColourModel:
             f = len(r.speaking)
             colours = np.stack([np.full(f, r.index % 256), np.arange(f), 2 * (r.seed % 128) + r.speaking], axis=1)
             frames = np.broadcast_to(colours.astype(np.uint8)[:, None, None, :], (f, self.spec.height, self.spec.width, 3))
+            if self.noise:
+                rng = np.random.default_rng([r.seed % 2**32, r.index])
+                noise = rng.integers(-self.noise, self.noise + 1, frames.shape, dtype=np.int16)
+                noise[:, :16, :16] = 0
+                frames = np.clip(frames + noise, 0, 255).astype(np.uint8)
             windows.append(WindowResult(frames.copy(), (r.carry or 0) + 1))
         step_s = self.seconds_per_step * steps * len(requests)
         fixed_s = self.fixed_seconds_per_frame * sum(len(r.speaking) for r in requests)

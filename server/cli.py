@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "avatar.watermark.cli",
     "avatar.train.cli",
     "server.serve",
+    "server.reliability.cli",
 )
 
 

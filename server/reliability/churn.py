@@ -1,0 +1,200 @@
+"""`emote churn`: many short WHIP sessions against `emote serve`, first one after another, then in parallel bursts,
+a share of them vanishing without a DELETE. It reports whether every session streamed and was freed, and the
+server's memory (its process tree's RSS and PSS, from `/metrics`) after the warm-up and at the end."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from avatar.errors import EmoteError
+
+from .peer import WhipError, WhipPeer, open_session
+
+IDLE_TIMEOUT_S = 60.0  # for the server to free every session after the last one left (vanished ones included)
+RETRY_LIMIT_S = 60.0  # how long one session keeps retrying a 429/503 before the run gives up
+GROWTH_TARGET_MB = 15.0  # issue 32: RSS at the end <= RSS after the warm-up + 15 MB (200 sessions)
+MEMORY_SAMPLE_EVERY = 25  # sessions
+
+
+@dataclass(frozen=True)
+class ChurnPlan:
+    sessions: int = 200
+    warmup: int = 10  # the first sessions, after which the baseline memory is read
+    burst: int = 4  # sessions opened at once in the second half
+    seconds: float = 3.0  # how long each session streams
+    vanish: float = 0.25  # the share that leave without DELETE
+    mode: str = "mic"
+    avatar: str = "default"
+    seed: int = 0
+
+    def validate(self) -> "ChurnPlan":
+        if self.sessions < 1 or not 0 <= self.warmup < self.sessions:
+            raise EmoteError("--sessions must be at least 1 and --warmup below it")
+        if self.burst < 1 or self.seconds <= 0 or not 0 <= self.vanish <= 1:
+            raise EmoteError("--burst must be at least 1, --seconds positive and --vanish between 0 and 1")
+        if self.mode not in ("mic", "presenter"):
+            raise EmoteError(f"--mode must be mic or presenter, got {self.mode!r}")
+        return self
+
+    def groups(self) -> list[list[int]]:
+        """Session indices by group: the warm-up and the first half one by one, then bursts of `burst`."""
+        half = max(self.warmup, self.sessions // 2)
+        single = [[i] for i in range(half)]
+        rest = list(range(half, self.sessions))
+        return single + [rest[i : i + self.burst] for i in range(0, len(rest), self.burst)]
+
+
+class ServerProbe:
+    """What the run reads from the server: its health (with the token: session counts) and its memory."""
+
+    def __init__(self, base_url: str, token: str | None):
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=10.0,
+                                        headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    async def sessions(self) -> tuple[int, int]:
+        health = (await self.client.get("/healthz")).json()
+        if "sessions" not in health:
+            raise EmoteError("the server's /healthz does not show its sessions: pass its token (--token)")
+        return health["sessions"], health.get("engine_sessions", health["sessions"])
+
+    async def memory_mb(self) -> dict[str, float]:
+        response = await self.client.get("/metrics")
+        if response.status_code != 200:
+            raise EmoteError(f"GET /metrics answered {response.status_code}: pass the server's token (--token)")
+        found = dict(re.findall(r'^emote_process_memory_bytes\{kind="(\w+)"\} (\S+)$', response.text, re.M))
+        if "rss" not in found:
+            raise EmoteError("the server's /metrics has no emote_process_memory_bytes (an older server?)")
+        return {kind: round(float(value) / 2**20, 1) for kind, value in found.items()}
+
+    async def wait_idle(self, timeout: float = IDLE_TIMEOUT_S) -> float:
+        """Seconds until the server holds no session (raises EmoteError after `timeout`)."""
+        start = time.monotonic()
+        while (counts := await self.sessions()) != (0, 0):
+            if time.monotonic() - start > timeout:
+                raise EmoteError(f"the server still holds {counts[0]} sessions ({counts[1]} in the engine) "
+                                 f"{timeout:.0f} s after the last one left")
+            await asyncio.sleep(0.25)
+        return time.monotonic() - start
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def _open_with_retry(base_url: str, token: str | None, plan: ChurnPlan, wav: Path | None,
+                           refusals: dict[int, int]) -> tuple[WhipPeer, object | None]:
+    """Open one session, waiting out 429 (rate limit) and 503 (server full) as a polite client does."""
+    from aiortc.contrib.media import MediaPlayer
+
+    deadline = time.monotonic() + RETRY_LIMIT_S
+    while True:
+        player = MediaPlayer(str(wav), loop=True) if wav is not None else None
+        try:
+            peer = await open_session(base_url, mode=plan.mode, avatar=plan.avatar, token=token,
+                                      audio_track=player.audio if player else None)
+            return peer, player
+        except WhipError as exc:
+            if player is not None:
+                player.audio.stop()
+            if exc.status not in (429, 503) or time.monotonic() > deadline:
+                raise EmoteError(f"session refused: {exc} {exc.body}") from None
+            refusals[exc.status] = refusals.get(exc.status, 0) + 1
+            retry = exc.headers.get("retry-after") or exc.headers.get("Retry-After") or "1"
+            await asyncio.sleep(min(float(retry) if retry.isdigit() else 1.0, 10.0))
+
+
+async def _one_session(base_url: str, token: str | None, plan: ChurnPlan, wav: Path | None, vanish: bool,
+                       refusals: dict[int, int]) -> int:
+    """Stream one session for `plan.seconds`; returns the number of video frames decoded."""
+    peer, player = await _open_with_retry(base_url, token, plan, wav, refusals)
+    try:
+        await peer.video.wait_for(1, timeout=30.0)
+        await asyncio.sleep(plan.seconds)
+        return len(peer.video.records)
+    except TimeoutError:
+        return len(peer.video.records)
+    finally:
+        await peer.close(delete=not vanish)
+        if player is not None:
+            player.audio.stop()
+
+
+async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print) -> dict:
+    """Run the plan against a server; returns the report (see `emote churn --help`)."""
+    from .impair import speech_wav
+
+    plan = plan.validate()
+    rng = np.random.default_rng(plan.seed)
+    vanishing = set(rng.choice(plan.sessions, size=round(plan.vanish * plan.sessions), replace=False).tolist())
+    probe = ServerProbe(base_url, token)
+    frames: list[int] = []
+    refusals: dict[int, int] = {}
+    series: list[dict] = []
+    baseline: dict[str, float] | None = None
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="emote-churn-") as tmp:
+        wav = (await asyncio.to_thread(speech_wav, Path(tmp) / "speech.wav"))[0] if plan.mode == "mic" else None
+        try:
+            await probe.wait_idle()
+            series.append({"sessions": 0, **await probe.memory_mb()})
+            for group in plan.groups():
+                frames += await asyncio.gather(*(_one_session(base_url, token, plan, wav, i in vanishing, refusals)
+                                                 for i in group))
+                done = group[-1] + 1
+                if done == plan.warmup or done % MEMORY_SAMPLE_EVERY == 0 or done == plan.sessions:
+                    await probe.wait_idle()
+                    memory = await probe.memory_mb()
+                    series.append({"sessions": done, **memory})
+                    if done == plan.warmup:
+                        baseline = memory
+                    log(f"churn: {done}/{plan.sessions} sessions, server RSS {memory['rss']:.0f} MB, "
+                        f"PSS {memory.get('pss', 0):.0f} MB")
+            freed_after_s = await probe.wait_idle()
+        finally:
+            await probe.close()
+    end = series[-1]
+    baseline = baseline or series[0]
+    growth = round(end["rss"] - baseline["rss"], 1)
+    return {
+        "plan": asdict(plan),
+        "sessions": len(frames),
+        "streamed": sum(1 for n in frames if n > 0),
+        "vanished": len(vanishing),
+        "min_frames": min(frames),
+        "refused_and_retried": {str(k): v for k, v in sorted(refusals.items())},
+        "all_freed": True,  # wait_idle raised otherwise
+        "freed_after_s": round(freed_after_s, 2),
+        "memory_mb": {"after_warmup": baseline, "end": {k: v for k, v in end.items() if k != "sessions"},
+                      "series": series},
+        "rss_growth_mb": growth,
+        "rss_growth_per_session_kb": round(growth * 1024 / max(1, plan.sessions - plan.warmup), 1),
+        "target_mb": GROWTH_TARGET_MB,
+        "met": growth <= GROWTH_TARGET_MB and all(n > 0 for n in frames),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def run_churn_command(args: argparse.Namespace) -> int:
+    from .local import local_server
+    from .report import write_report
+
+    plan = ChurnPlan(sessions=args.sessions, warmup=args.warmup, burst=args.burst, seconds=args.seconds,
+                     vanish=args.vanish, mode=args.mode, avatar=args.avatar, seed=args.seed).validate()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.url:
+        report = asyncio.run(run_churn(args.url.rstrip("/"), args.token, plan, log))
+    else:
+        extra = ("--max-sessions", str(max(4, plan.burst)), "--session-rate-per-min", "0")
+        with local_server(args.model, *extra) as (base_url, token):
+            report = asyncio.run(run_churn(base_url, token, plan, log))
+    write_report(report, args.out)
+    return 0 if report["met"] else 1
