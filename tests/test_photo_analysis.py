@@ -2,6 +2,7 @@
 astronaut), on drawn corpus faces, on everyday file variants, and on every bad input the issue lists."""
 import io
 import json
+import re
 
 import cv2
 import numpy as np
@@ -14,7 +15,8 @@ from avatar.errors import EmoteError
 from avatar.media import load_portrait
 from avatar.motion.spec import INDEX, MOTION_DIM, REFERENCE_DIM, clip
 from avatar.photo import mesh
-from avatar.photo.analysis import EYE_CENTER, IOD_FRACTION, PhotoAnalysis, analyse_portrait, detect_faces
+from avatar.photo.analysis import (EYE_CENTER, IOD_FRACTION, PROFILE_WARNING_DEGREES, PhotoAnalysis, _yaw_degrees,
+                                   analyse_portrait, detect_faces, pose_warnings)
 
 SIZE = 256
 
@@ -153,3 +155,40 @@ def test_several_faces_take_the_largest_or_the_one_asked_for(astronaut):
     assert (cv2.invertAffineTransform(second.to_crop) @ np.array([SIZE / 2, SIZE / 2, 1.0]))[0] < astronaut.shape[1]
     with pytest.raises(EmoteError, match="--face 5"):
         analyse_portrait(group, SIZE, face=5, name="group.jpg")
+
+
+def _turned(points: np.ndarray, degrees: float) -> np.ndarray:
+    """Landmarks (x, y, z pixels) turned about the vertical axis through their centre; positive turns the nose to
+    the image's right."""
+    t = np.radians(degrees)
+    centre = points.mean(axis=0)
+    x, z = points[:, 0] - centre[0], points[:, 2] - centre[2]
+    out = points.copy()
+    out[:, 0] = centre[0] + x * np.cos(t) - z * np.sin(t)
+    out[:, 2] = centre[2] + x * np.sin(t) + z * np.cos(t)
+    return out
+
+
+def test_a_profile_is_warned_about_and_a_three_quarter_view_is_not(astronaut):
+    points = detect_faces(astronaut)[0]
+    assert abs(_yaw_degrees(points)) < 6  # she faces the camera
+    for degrees in (-70, -45, -30, 30, 45, 70):
+        turned = _turned(points, degrees)
+        assert np.sign(turned[mesh.NOSE_TIP, 0] - points[mesh.NOSE_TIP, 0]) == np.sign(degrees)
+        assert abs(_yaw_degrees(turned) - degrees) < 5, degrees
+        warned = pose_warnings(turned, "turned.png")
+        assert bool(warned) == (abs(degrees) > PROFILE_WARNING_DEGREES), (degrees, warned)
+    (warning,) = pose_warnings(_turned(points, 70), "turned.png")
+    assert re.fullmatch(r"the face in turned.png is turned about (6[6-9]|7[0-4]) degrees; .*", warning), warning
+
+
+def test_a_drawn_face_turned_30_degrees_is_no_profile():
+    # Real pixels the face mesh reads: a corpus face drawn turned both ways. Its turn reads with its sign, and
+    # analysing it warns about nothing (the nose-to-cheek measure used before read this face as 90 degrees).
+    renderer = FaceRenderer(identity_for(0, 3), 256)
+    for yaw in (-30.0, 30.0):
+        image = renderer.render(FaceState(yaw=yaw))
+        read = _yaw_degrees(detect_faces(image)[0])
+        assert 15 <= read * np.sign(yaw) <= 50, (yaw, read)
+        analysis = analyse_portrait(image, SIZE, name="three-quarter.png")
+        assert not any("degrees" in w for w in analysis.warnings), analysis.warnings

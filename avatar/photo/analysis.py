@@ -25,9 +25,9 @@ import numpy as np
 
 from avatar.errors import EmoteError
 from avatar.motion.spec import INDEX, MOTION_DIM, REFERENCE_DIM
-from avatar.photo import mesh
+from avatar.photo import glasses, mesh
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2 added the glasses mask; a version 1 cache gets it on loading
 IOD_FRACTION = 0.169  # inter-ocular distance / crop side, as measured on the corpus's drawn faces
 EYE_CENTER = (0.5, 0.41)  # the eyes' midpoint in the crop, fractions of its side (corpus faces)
 # mouth_open -> inner-lip gap at the centre of the mouth, in inter-ocular distances: gap = GAP_PER_OPEN * mouth_open.
@@ -57,6 +57,7 @@ class PhotoAnalysis:
     grain: float = 0.0  # the photo's pixel noise (std of luma high-pass on the cheeks, 0-255 units)
     grey: bool = False  # a greyscale photo: everything drawn stays grey
     name: str = "portrait"
+    glasses: np.ndarray | None = None  # uint8 (S, S), 1 on a spectacle frame's pixels (avatar/photo/glasses.py)
 
     @property
     def iod(self) -> float:
@@ -72,7 +73,8 @@ class PhotoAnalysis:
         try:
             np.savez(tmp / "arrays.npz", crop=self.crop, rest=self.rest, reference=self.reference,
                      landmarks=self.landmarks, to_crop=self.to_crop,
-                     **{f"color_{k}": v for k, v in self.colors.items()})
+                     **{f"color_{k}": v for k, v in self.colors.items()},
+                     **({} if self.glasses is None else {"glasses": np.packbits(self.glasses.astype(bool))}))
             ok, png = cv2.imencode(".png", cv2.cvtColor(self.original, cv2.COLOR_RGB2BGR))
             if not ok:
                 raise EmoteError("could not encode the original photo")
@@ -96,7 +98,8 @@ class PhotoAnalysis:
         directory = Path(directory)
         try:
             meta = json.loads((directory / "meta.json").read_text())
-            if meta.get("version") != ANALYSIS_VERSION:
+            version = meta.get("version")
+            if version not in (1, ANALYSIS_VERSION):
                 raise EmoteError(f"the face analysis in {directory} is from an older version; "
                                  "analyse the portrait again")
             with np.load(directory / "arrays.npz") as arrays:
@@ -105,12 +108,18 @@ class PhotoAnalysis:
             if original is None:
                 raise ValueError("original.png is unreadable")
             colors = {k[len("color_"):]: v.astype(np.float32) for k, v in data.items() if k.startswith("color_")}
-            analysis = cls(crop=data["crop"], size=int(meta["size"]), rest=data["rest"].astype(np.float32),
+            size = int(meta["size"])
+            frame = None
+            if "glasses" in data:
+                frame = np.unpackbits(data["glasses"], count=size * size).reshape(size, size)
+            elif version == 1:  # written before glasses were looked for: look now (the same crop, the same answer)
+                frame = glasses.detect(data["crop"], data["landmarks"].astype(np.float32))
+            analysis = cls(crop=data["crop"], size=size, rest=data["rest"].astype(np.float32),
                            reference=data["reference"].astype(np.float32),
                            landmarks=data["landmarks"].astype(np.float32),
                            warnings=list(meta["warnings"]), original=cv2.cvtColor(original, cv2.COLOR_BGR2RGB),
                            to_crop=data["to_crop"].astype(np.float64), colors=colors, grain=float(meta["grain"]),
-                           grey=bool(meta["grey"]), name=str(meta.get("name", "portrait")))
+                           grey=bool(meta["grey"]), name=str(meta.get("name", "portrait")), glasses=frame)
         except EmoteError:
             raise
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -329,13 +338,19 @@ def _is_grey(image: np.ndarray) -> bool:
 
 
 def _yaw_degrees(p: np.ndarray) -> float:
-    """A rough head turn from how far the nose tip sits from the middle of the cheeks."""
-    right = p[mesh.NOSE_TIP, 0] - p[mesh.RIGHT_CHEEK, 0]
-    left = p[mesh.LEFT_CHEEK, 0] - p[mesh.NOSE_TIP, 0]
-    total = abs(right) + abs(left)
-    if total < 1e-6:
-        return 90.0
-    return math.degrees(math.asin(float(np.clip((right - left) / total, -1.0, 1.0))))
+    """The head's turn about the vertical axis, from the mesh's depth: the angle by which the line between the face's
+    outer eye corners and cheeks leaves the image plane (positive: the nose turned to the image's right)."""
+    pairs = ((33, 263), (mesh.RIGHT_CHEEK, mesh.LEFT_CHEEK), (127, 356))  # the subject's right -> left
+    across = sum(p[left, :3].astype(np.float64) - p[right, :3] for right, left in pairs)
+    return math.degrees(math.atan2(float(across[2]), math.hypot(float(across[0]), float(across[1]))))
+
+
+def pose_warnings(points: np.ndarray, name: str) -> list[str]:
+    """Warnings about the face's pose in the photo, from its landmarks (x, y and z in pixels)."""
+    yaw = _yaw_degrees(points)
+    if abs(yaw) > PROFILE_WARNING_DEGREES:
+        return [f"the face in {name} is turned about {abs(yaw):.0f} degrees; a frontal photo animates better"]
+    return []
 
 
 # ---- the analysis --------------------------------------------------------------------------------------------
@@ -383,9 +398,7 @@ def analyse_portrait(image: np.ndarray, size: int = 512, face: int | None = None
             (critical[:, 1] < -tolerance).any() or (critical[:, 1] > h - 1 + tolerance).any():
         raise EmoteError(f"the face in {name} is cut off by the image edge "
                          "(its eyes, mouth or chin are outside the photo)")
-    yaw = _yaw_degrees(points)
-    if abs(yaw) > PROFILE_WARNING_DEGREES:
-        warnings.append(f"the face in {name} is turned about {abs(yaw):.0f} degrees; a frontal photo animates better")
+    warnings += pose_warnings(points, name)
 
     to_crop = _alignment(points, size)
     scale = math.hypot(to_crop[0, 0], to_crop[1, 0])
@@ -421,4 +434,5 @@ def analyse_portrait(image: np.ndarray, size: int = 512, face: int | None = None
         crop=crop, size=size, rest=measure_rest(landmarks, crop), reference=reference_embedding(landmarks),
         landmarks=landmarks, warnings=warnings, original=image, to_crop=to_crop,
         colors=_sample_colors(landmarks, crop), grain=_grain(landmarks, crop), grey=_is_grey(crop), name=name,
+        glasses=glasses.detect(crop, landmarks),
     )

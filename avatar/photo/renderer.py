@@ -5,7 +5,10 @@ frame (avatar/photo/mouth.py, `_Eye`); with the head at the photo's pose each re
 `cv2.remap`, and everything else is the crop's own pixels. A head pose adds a smooth backward map (warp.PoseField)
 that the regions' maps are composed with, and the frame is sampled by one remap. Then the mouth interior is drawn
 where the lips part. The lids need nothing drawn: the upper lid's own skin, lashes at its edge, slides down over the
-eye, which it hides. Motion equal to the photo's `rest` returns the crop itself.
+eye, which it hides. Spectacles (the analysis's glasses mask) stay rigid with the head: while the lids and brows move,
+the eye region is sampled from a copy of the photo with the frame painted out, and the frame's own pixels, moved by
+the head pose only, go back on top, so a lid closes behind the lens. Motion equal to the photo's `rest` returns the
+crop itself.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from avatar.photo.warp import PoseField, Segment, lookup, piecewise, table
 BROW_RAISE = 0.1  # brow lift at brow_raise = 1, inter-ocular distances
 LID_OVERSHOOT = 0.015
 LASH = 0.035  # the upper lash line's thickness above the mesh's lid line, inter-ocular distances
+FRAME_FEATHER = 1.5  # pixels over which a spectacle frame's rigid pixels blend into the moving ones around them
 _POSE = [INDEX[n] for n in POSE_NAMES]
 
 
@@ -86,6 +90,39 @@ class _Eyes:
     backward = _Eye.backward
 
 
+class _Glasses:
+    """A spectacle frame held rigid: the photo with the frame painted out (what the moving lids and brows are sampled
+    from) and the frame's alpha, 1 on the mask and fading to 0 over FRAME_FEATHER pixels outside it, so that with no
+    movement the frame put back reproduces the photo exactly."""
+
+    def __init__(self, crop: np.ndarray, mask: np.ndarray):
+        mask = (np.asarray(mask) > 0).astype(np.uint8)
+        outside = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 3)
+        self.alpha = np.clip(1.0 - outside / FRAME_FEATHER, 0.0, 1.0).astype(np.float32)
+        rows, cols = np.nonzero(self.alpha > 0)
+        self.box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        self.frameless = crop.copy()
+        pad = 8
+        r = slice(max(self.box[0].start - pad, 0), self.box[0].stop + pad)
+        c = slice(max(self.box[1].start - pad, 0), self.box[1].stop + pad)
+        self.frameless[r, c] = cv2.inpaint(np.ascontiguousarray(crop[r, c]), mask[r, c], 3, cv2.INPAINT_TELEA)
+        rows, cols = self.box
+        self.box_alpha = np.ascontiguousarray(self.alpha[rows, cols])
+        self.box_rest = 1.0 - self.box_alpha
+
+    def put_back_posed(self, out: np.ndarray, crop: np.ndarray, box: tuple[slice, slice], x: np.ndarray,
+                       y: np.ndarray) -> None:
+        """The frame's own pixels moved by the head pose only (maps `x`, `y` for the output's `box`)."""
+        frame = cv2.remap(crop, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.remap(self.alpha, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        out[box] = cv2.blendLinear(frame, out[box], alpha, 1.0 - alpha)
+
+    def put_back(self, out: np.ndarray, crop: np.ndarray) -> None:
+        """The frame's own pixels over a frame whose head did not move."""
+        rows, cols = self.box
+        out[rows, cols] = cv2.blendLinear(crop[rows, cols], out[rows, cols], self.box_alpha, self.box_rest)
+
+
 class PhotoRenderer:
     def __init__(self, analysis: PhotoAnalysis):
         self.analysis = analysis
@@ -100,6 +137,7 @@ class PhotoRenderer:
         left = _Eye(p, mesh.LEFT_EYE_UPPER, mesh.LEFT_EYE_LOWER, mesh.LEFT_BROW, s, iod, (nose_x, s))
         self.eyes = _Eyes(right, left, nose_x, s)
         self.pose = PoseField(p, s)
+        self.glasses = _Glasses(self.crop, analysis.glasses) if analysis.glasses is not None else None
         self.full_centres = np.arange(s, dtype=np.float32)
         self.half_centres = np.arange(s // 2, dtype=np.float32) * 2 + 0.5  # 2x2 block centres, full-size pixels
         m = self.mouth
@@ -148,10 +186,14 @@ class PhotoRenderer:
             sy = self.eyes.backward(hx, hy, close, brow)
             regions.append((self.eyes.box, _dense(hx, sy), _dense(sy, hx)))
 
+        glasses = self.glasses if eyes_move else None
+        source = self.crop if glasses is None else glasses.frameless
         if not posed:
             out = self.crop.copy()
             for (y0, y1, x0, x1), sx, sy in regions:
-                out[y0:y1, x0:x1] = cv2.remap(self.crop, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                out[y0:y1, x0:x1] = cv2.remap(source, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            if glasses is not None:
+                glasses.put_back(out, self.crop)
             if box is not None:
                 rows, cols = box
                 hx, hy = self.full_centres[None, cols], self.full_centres[rows, None]
@@ -173,6 +215,9 @@ class PhotoRenderer:
                 rows = slice(rows.start + r[0], rows.start + r[-1] + 1)
                 cols = slice(cols.start + c[0], cols.start + c[-1] + 1)
                 head = (rows, cols, X[rows, cols].copy(), Y[rows, cols].copy())
+        if glasses is not None:  # the frame moves with the head only: the pose's own map, before the expression's
+            frame_box = self._grow(glasses.box, margin)
+            frame_x, frame_y = X[frame_box].copy(), Y[frame_box].copy()
         for (y0, y1, x0, x1), sx, sy in regions:
             rows, cols = self._grow((slice(y0, y1), slice(x0, x1)), margin)
             mx, my = X[rows, cols] - x0, Y[rows, cols] - y0
@@ -182,8 +227,10 @@ class PhotoRenderer:
                                       borderMode=cv2.BORDER_TRANSPARENT)
         out = self.crop.copy()
         rows, cols = self.pose.box
-        out[rows, cols] = cv2.remap(self.crop, X[rows, cols], Y[rows, cols], cv2.INTER_LINEAR,
+        out[rows, cols] = cv2.remap(source, X[rows, cols], Y[rows, cols], cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_REPLICATE)
+        if glasses is not None:
+            glasses.put_back_posed(out, self.crop, frame_box, frame_x, frame_y)
         if head is not None:
             self._draw_interior(out, *head, mouth)
         return out
