@@ -20,6 +20,7 @@ from avatar.errors import EmoteError
 
 from . import openapi as doc
 from .avatars import AvatarNotFound, AvatarStore, QuotaExceeded, valid_avatar_id
+from .memory import freeze_startup_objects
 from .metrics import render_metrics
 from .security import RateLimiter, bearer, origin_allowed, token_matches
 from .sessions import ServerFull, SessionManager, SessionNotFound, add_remote_candidate
@@ -87,6 +88,7 @@ def create_app(settings: Settings, engine, avatars: AvatarStore) -> FastAPI:
     async def lifespan(app: FastAPI):
         await engine.start()
         sessions.start()
+        freeze_startup_objects()  # makes the collection after each session cheap (server/memory.py)
         try:
             yield
         finally:  # graceful shutdown: close every peer, then stop the model worker

@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .memory import tree_memory_bytes
+
 
 class _Collector:
     def __init__(self, sessions, engine):
@@ -55,6 +57,12 @@ class _Collector:
                 if snapshot.get(q) is not None:
                     stages.add_metric([stage, q.replace("p", "0.")], snapshot[q])
         yield stages
+
+        memory = GaugeMetricFamily("emote_process_memory_bytes", "Memory of the server's process tree (RSS, PSS, "
+                                   "anonymous), native allocations included", labels=["kind"])
+        for kind, value in tree_memory_bytes().items():
+            memory.add_metric([kind], value)
+        yield memory
 
 
 def render_metrics(sessions, engine) -> bytes:

@@ -187,6 +187,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise EmoteError(f"cannot create --data-dir {settings.data_dir}: {exc}") from exc
     from avatar.models import use_model_threads
 
+    from .memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the model's and aiortc's threads start (see server/memory.py)
     use_model_threads(settings.device)  # process-wide: once, before the model first runs
     app = build_app(settings)
     logging.getLogger("emote.server").info(f"serving on {page_url(settings)}",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +15,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from avatar.errors import EmoteError
 
 from .avatars import AvatarStore
+from .memory import release_session_memory
 from .rtc import AvatarAudioTrack, AvatarVideoTrack, consume_audio, discard, pump_output
 from .settings import Settings
 
@@ -113,7 +114,7 @@ class SessionManager:
         session: PeerSession | None = None
         try:
             avatar = await self.avatars.streaming_avatar(avatar_id)
-            session_id = uuid.uuid4().hex
+            session_id = secrets.token_hex(16)
             self.engine.register_avatar(avatar)
             # A live microphone must not build a backlog (latency); pushed TTS may arrive faster than real time.
             options = {"max_audio_backlog_s": LIVE_BACKLOG_S} if mode == "mic" else {}
@@ -217,6 +218,7 @@ class SessionManager:
         session.tasks.clear()
         if session.on_closed is not None:
             session.on_closed(session)
+        await release_session_memory()
         logger.info(f"session {session.id} closed: {reason}", extra={"session": session.id, "reason": reason})
 
     async def _watch(self) -> None:

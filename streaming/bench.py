@@ -94,7 +94,7 @@ async def bench_streaming(model: FrameModel, sessions: int, seconds: float, conf
     await asyncio.gather(*(feed(s, p) for s, p in zip(live, packets)), *(consume(k, s) for k, s in enumerate(live)))
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     metrics = engine.metrics()
-    values = np.concatenate([np.asarray(s.audio_to_lip._values) for s in live]) * 1000 if live else np.zeros(0)
+    values = np.concatenate([s.audio_to_lip.values() for s in live]) * 1000 if live else np.zeros(0)
     per_session = []
     for s, times in zip(live, emitted):
         c = s.counters

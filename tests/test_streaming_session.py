@@ -453,7 +453,7 @@ async def test_live_input_catches_up_in_pauses_after_a_network_hiccup():
             if frame.index >= 175:
                 break
         await feeder
-        lat = session.audio_to_lip._values
+        lat = session.audio_to_lip.values()
         first_utterance, last_utterance = np.median(list(lat)[:20]), np.median(list(lat)[-20:])
         assert max(lat) > first_utterance + 0.1  # the hiccup did delay the lips...
         assert last_utterance <= first_utterance + 0.041  # ...but the pauses brought latency back

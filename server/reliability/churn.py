@@ -1,5 +1,5 @@
-"""`emote churn`: many short WHIP sessions against `emote serve`, first one after another, then in parallel bursts,
-a share of them vanishing without a DELETE. It reports whether every session streamed and was freed, and the
+"""`emote churn`: many short WHIP sessions against `emote serve`, one after another and in parallel bursts, a share
+of them vanishing without a DELETE. It reports whether every session streamed and was freed, and the
 server's memory (its process tree's RSS and PSS, from `/metrics`) after the warm-up and at the end."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ MEMORY_SAMPLE_EVERY = 25  # sessions
 class ChurnPlan:
     sessions: int = 200
     warmup: int = 10  # the first sessions, after which the baseline memory is read
-    burst: int = 4  # sessions opened at once in the second half
+    burst: int = 4  # sessions opened at once, after every four single ones
     seconds: float = 3.0  # how long each session streams
     vanish: float = 0.25  # the share that leave without DELETE
     mode: str = "mic"
@@ -47,11 +47,18 @@ class ChurnPlan:
         return self
 
     def groups(self) -> list[list[int]]:
-        """Session indices by group: the warm-up and the first half one by one, then bursts of `burst`."""
-        half = max(self.warmup, self.sessions // 2)
-        single = [[i] for i in range(half)]
-        rest = list(range(half, self.sessions))
-        return single + [rest[i : i + self.burst] for i in range(0, len(rest), self.burst)]
+        """Session indices by group, opened together: four single sessions, then a burst of `burst`, and again.
+        The warm-up ends with a burst too, so that the baseline has seen the peak that bursts need."""
+        singles = max(0, self.warmup - self.burst) if self.burst > 1 else self.warmup
+        groups = [[i] for i in range(singles)]
+        if singles < self.warmup:
+            groups.append(list(range(singles, self.warmup)))
+        start, cycle = self.warmup, 0
+        while start < self.sessions:
+            size = self.burst if cycle % 5 == 4 else 1
+            groups.append(list(range(start, min(start + size, self.sessions))))
+            start, cycle = start + size, cycle + 1
+        return groups
 
 
 class ServerProbe:
@@ -149,8 +156,8 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
             for group in plan.groups():
                 frames += await asyncio.gather(*(_one_session(base_url, token, plan, wav, i in vanishing, refusals)
                                                  for i in group))
-                done = group[-1] + 1
-                if done == plan.warmup or done % MEMORY_SAMPLE_EVERY == 0 or done == plan.sessions:
+                done, before = group[-1] + 1, group[0]
+                if done == plan.warmup or done // MEMORY_SAMPLE_EVERY > before // MEMORY_SAMPLE_EVERY or done == plan.sessions:
                     await probe.wait_idle()
                     memory = await probe.memory_mb()
                     series.append({"sessions": done, **memory})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     register_churn(subparsers)
+    register_soak(subparsers)
     impair = subparsers.add_parser(
         "impair", help="sessions through an impaired network (loss, jitter, blackout) via a loopback UDP relay; "
                        "JSON out")
@@ -45,7 +46,7 @@ def register_churn(subparsers) -> None:
     churn.add_argument("--model", type=Path, default=None, help="model for the server it starts (default: bundled)")
     churn.add_argument("--sessions", type=int, default=200)
     churn.add_argument("--warmup", type=int, default=10, help="sessions before the baseline memory (default 10)")
-    churn.add_argument("--burst", type=int, default=4, help="sessions at once in the second half (default 4)")
+    churn.add_argument("--burst", type=int, default=4, help="sessions opened at once after every four single ones (default 4)")
     churn.add_argument("--seconds", type=float, default=3.0, help="each session's length (default 3)")
     churn.add_argument("--vanish", type=float, default=0.25, help="share leaving without DELETE (default 0.25)")
     churn.add_argument("--mode", choices=("mic", "presenter"), default="mic")
@@ -59,3 +60,24 @@ def run_churn(args: argparse.Namespace) -> int:
     from .churn import run_churn_command
 
     return run_churn_command(args)
+
+
+def register_soak(subparsers) -> None:
+    soak = subparsers.add_parser(
+        "soak", help="one presenter session with continuous speech for a long run: memory, frame rate, latency, "
+                     "input queue and A/V offset over time (JSON)")
+    soak.add_argument("--url", default=None, help="a running server (default: start one on loopback); give it a "
+                                                  "--max-duration longer than the run")
+    soak.add_argument("--token", default=os.environ.get("EMOTE_TOKEN"), help="its token (default: $EMOTE_TOKEN)")
+    soak.add_argument("--model", type=Path, default=None, help="model for the server it starts (default: bundled)")
+    soak.add_argument("--minutes", type=float, default=30.0, help="length of the run (default 30)")
+    soak.add_argument("--interval", type=float, default=60.0, help="seconds between samples (default 60)")
+    soak.add_argument("--avatar", default="default")
+    soak.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    soak.set_defaults(func=run_soak)
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    from .soak import run_soak_command
+
+    return run_soak_command(args)
