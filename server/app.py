@@ -7,6 +7,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.routing import APIRoute
@@ -22,7 +23,7 @@ from . import openapi as doc
 from .avatars import AvatarNotFound, AvatarStore, QuotaExceeded, valid_avatar_id
 from .memory import freeze_startup_objects
 from .metrics import render_metrics
-from .security import RateLimiter, bearer, origin_allowed, token_matches
+from .security import LoopbackHostOnly, RateLimiter, bearer, client_key, is_loopback, origin_allowed, token_matches
 from .sessions import ServerFull, SessionManager, SessionNotFound, add_remote_candidate
 from .settings import Settings
 
@@ -106,6 +107,8 @@ def create_app(settings: Settings, engine, avatars: AvatarStore) -> FastAPI:
     doc.install(app, auth=settings.auth_required)
     app.state.settings, app.state.sessions, app.state.avatars, app.state.engine = settings, sessions, avatars, engine
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes + 64 * 1024)
+    if settings.allow_no_auth and is_loopback(settings.host):
+        app.add_middleware(LoopbackHostOnly, extra_hosts=[urlsplit(o).hostname or "" for o in allowed_origins])
 
     # ---- errors -------------------------------------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ def create_app(settings: Settings, engine, avatars: AvatarStore) -> FastAPI:
 
     def admit(limiter: RateLimiter, connection: Request | WebSocket, what: str) -> None:
         """Per-client rate limit (the client address; behind a trusted proxy, the one it forwards)."""
-        wait = limiter.take(connection.client.host if connection.client else "unknown")
+        wait = limiter.take(client_key(connection.client.host if connection.client else "unknown"))
         if wait:
             retry = RateLimiter.retry_after(wait)
             raise ApiError(429, "rate_limited", f"too many {what} from this address; retry in {retry} s",

@@ -16,11 +16,10 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
-import logging
 import os
+import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 SERVER_ARENAS = 2
@@ -58,6 +57,15 @@ def tree_memory_bytes(pid: int | None = None) -> dict[str, int]:
                 name = MEMORY_FIELDS[key]
                 totals[name] = totals.get(name, 0) + int(value.split()[0]) * 1024
     return totals
+
+
+def gpu_memory_bytes() -> dict[str, int]:
+    """CUDA memory torch holds (allocated by tensors, reserved by its caching allocator); empty without a GPU in
+    use. torch is not imported for this: a CPU-only server that never loaded it has no GPU memory to report."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_allocated": int(torch.cuda.memory_allocated()), "gpu_reserved": int(torch.cuda.memory_reserved())}
 
 
 def _glibc():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .memory import tree_memory_bytes
+from .memory import gpu_memory_bytes, tree_memory_bytes
 
 
 class _Collector:
@@ -59,8 +59,9 @@ class _Collector:
         yield stages
 
         memory = GaugeMetricFamily("emote_process_memory_bytes", "Memory of the server's process tree (RSS, PSS, "
-                                   "anonymous), native allocations included", labels=["kind"])
-        for kind, value in tree_memory_bytes().items():
+                                   "anonymous; native allocations included) and, on a GPU, what torch holds there",
+                                   labels=["kind"])
+        for kind, value in {**tree_memory_bytes(), **gpu_memory_bytes()}.items():
             memory.add_metric([kind], value)
         yield memory
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import secrets
@@ -92,7 +93,68 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Collection[str
     return host is not None and urlsplit(normalised).netloc == host.strip().lower()
 
 
+# ---- DNS rebinding -----------------------------------------------------------------------------------------------
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or a Host header's name is this machine's loopback."""
+    name = host.strip().lower().strip("[]")
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """The name part of a Host header: `[::1]:8080` -> `::1`, `example.com:443` -> `example.com`."""
+    host_header = host_header.strip()
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+class LoopbackHostOnly:
+    """With --no-auth on a loopback address, any web page the user visits could reach the server through a DNS name
+    rebound to 127.0.0.1 (the browser then sends that name as Host). Such requests are refused: 400 JSON, or a
+    WebSocket closed before it opens."""
+
+    def __init__(self, app, extra_hosts: Collection[str] = ()):
+        self.app, self.extra_hosts = app, {h.lower() for h in extra_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host_name(host).lower()
+            if not (is_loopback(name) or name in self.extra_hosts):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 4403, "reason": "bad host"})
+                from starlette.responses import JSONResponse
+
+                body = {"error": "bad_host", "message": "without a token this server only answers requests for "
+                                                         "localhost (Host header); see --allow-origin"}
+                return await JSONResponse(body, status_code=400)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 # ---- rate limits --------------------------------------------------------------------------------------------------
+
+def client_key(host: str) -> str:
+    """The rate-limit bucket of a client address: IPv4 as it is, IPv6 by its /64 (one subscriber's whole prefix,
+    which a client can otherwise walk through for a fresh bucket per request)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
 
 class RateLimiter:
     """A token bucket per client: `burst` requests at once, refilled at `per_min` a minute. `per_min` 0 turns the

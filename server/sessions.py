@@ -23,6 +23,7 @@ logger = logging.getLogger("emote.sessions")
 
 MODES = ("mic", "presenter")
 LIVE_BACKLOG_S = 0.3
+RELEASE_DELAY_S = 0.5  # after a session closes, before its memory is collected
 PEER_SILENCE_S = 10.0  # no RTCP receiver report for this long: the peer is gone (tab closed, network lost)
 
 
@@ -87,6 +88,7 @@ class SessionManager:
         self.sessions: dict[str, PeerSession] = {}
         self._pending = 0  # sessions being negotiated count towards the limit
         self._watchdog: asyncio.Task | None = None
+        self._release: asyncio.Task | None = None
         self.total_created = 0
         self.total_closed: dict[str, int] = {}
 
@@ -218,8 +220,18 @@ class SessionManager:
         session.tasks.clear()
         if session.on_closed is not None:
             session.on_closed(session)
-        await release_session_memory()
+        self._schedule_release()
         logger.info(f"session {session.id} closed: {reason}", extra={"session": session.id, "reason": reason})
+
+    def _schedule_release(self) -> None:
+        """Once the closing request has dropped its references, and once for a burst of closes: free what the
+        sessions left (their aiortc objects sit in reference cycles) and hand the pages back (server/memory.py)."""
+        if self._release is None or self._release.done():
+            self._release = asyncio.get_running_loop().create_task(self._release_later(), name="release-memory")
+
+    async def _release_later(self) -> None:
+        await asyncio.sleep(RELEASE_DELAY_S)
+        await release_session_memory()
 
     async def _watch(self) -> None:
         while True:
@@ -238,6 +250,10 @@ class SessionManager:
                 await self._watchdog
         for session_id in list(self.sessions):
             await self.close(session_id, reason)
+        if self._release is not None:
+            self._release.cancel()
+            with contextlib.suppress(BaseException):
+                await self._release
 
 
 async def add_remote_candidate(pc: RTCPeerConnection, candidate: dict | None) -> None:

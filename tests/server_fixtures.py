@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from avatar.errors import EmoteError
+from server.reliability.local import stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90.0
@@ -115,14 +115,16 @@ def start_server(tmp_path: Path, *extra_args: str, model: Path | str | None = No
 
 def stop_server(process: subprocess.Popen, grace_s: float = 10.0) -> int:
     """SIGINT (uvicorn's graceful shutdown), then SIGKILL if it lingers. Returns the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+    return stop(process, grace_s)
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    """The response is the server's JSON error `{"error": code, "message": ...}` with this status."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == code and body["message"], body
+    return body
 
 
 @contextlib.contextmanager

@@ -19,13 +19,15 @@ from server.reliability.churn import ChurnPlan
 from server.reliability.peer import WhipError, open_session
 
 NOISE = 40
+MAX_SESSIONS = 4
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("churn-server")
     model = make_test_model(tmp / "noisy-model", noise=NOISE)
-    with running_server(tmp, "--max-sessions", "3", "--session-rate-per-min", "0", model=model) as (base_url, _):
+    with running_server(tmp, "--max-sessions", str(MAX_SESSIONS), "--session-rate-per-min", "0",
+                        model=model) as (base_url, _):
         yield base_url
 
 
@@ -46,7 +48,9 @@ def test_churn_streams_and_frees_every_session(server, capsys):
     report = json.loads(out)
     assert report["sessions"] == 12 and report["streamed"] == 12, report
     assert report["vanished"] == 3 and report["min_frames"] >= 10, report
-    assert report["all_freed"] and report["freed_after_s"] < 30, report  # the vanished ones too
+    assert report["all_freed"] and report["freed_after_s"] < 30, report  # the vanished ones too...
+    # ...which the server noticed by their silence alone: no DELETE, no DTLS close reached it.
+    assert report["closed_by_reason"] == {"deleted": 9, "peer": 3}, report["closed_by_reason"]
     series = report["memory_mb"]["series"]
     assert [s["sessions"] for s in series] == [0, 3, 12], series
     assert all(s["rss"] > 50 and s["pss"] > 0 for s in series), series
@@ -69,7 +73,7 @@ def test_soak_samples_memory_rate_latency_and_av_offset(server, capsys):
 
 
 async def test_one_session_over_the_limit_gets_503_and_the_others_keep_their_rate(server):
-    peers = [await open_session(server, mode="presenter") for _ in range(3)]
+    peers = [await open_session(server, mode="presenter") for _ in range(MAX_SESSIONS)]
     try:
         await asyncio.gather(*(p.video.wait_for(10, timeout=20) for p in peers))
         with pytest.raises(WhipError) as refused:
@@ -79,7 +83,7 @@ async def test_one_session_over_the_limit_gets_503_and_the_others_keep_their_rat
         await asyncio.sleep(4.0)
         now = time.monotonic()
         for peer in peers:
-            assert peer.video.fps(now - 4.0, now) >= 22, "a refused session costs the running ones nothing"
+            assert peer.video.fps(now - 4.0, now) >= 20, "a refused session costs the running ones nothing"
     finally:
         for peer in peers:
             await peer.close()

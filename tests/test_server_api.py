@@ -12,8 +12,8 @@ import pytest
 import websockets
 from PIL import Image
 
-from server_fixtures import (REPO_ROOT, TEST_MODEL_SIZE, make_test_model, make_tiny_model, running_server,
-                             start_server, stop_server)
+from server_fixtures import (REPO_ROOT, TEST_MODEL_SIZE, assert_error, make_test_model, make_tiny_model,
+                             running_server, start_server, stop_server)
 
 TOKEN = "s3cret-token-for-tests-0123"
 
@@ -46,14 +46,6 @@ def png_bytes(width=200, height=240) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["error"] == code and body["message"], body
-    return body
 
 
 # ---- avatars ----------------------------------------------------------------------------------------------------

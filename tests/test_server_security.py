@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from starlette.websockets import WebSocketDisconnect
 import websockets
 from PIL import Image
 
-from server_fixtures import make_test_model, read_token, running_server, start_server, stop_server
+from server_fixtures import assert_error, make_test_model, read_token, running_server, start_server, stop_server
 
 KIOSK_ORIGIN = "https://kiosk.example.com"
 NO_SESSION = "0" * 32
@@ -54,14 +55,6 @@ def png_bytes(side: int = 128) -> bytes:
     return buffer.getvalue()
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["error"] == code and body["message"], body
-    return body
-
-
 async def closed_with(url: str, **options) -> tuple[dict, int]:
     """Connect, read the one error message, and return it with the close code."""
     async with websockets.connect(url, **options) as ws:
@@ -82,7 +75,8 @@ async def ping(url: str, **options) -> None:
 def test_the_start_line_prints_the_page_url_with_the_kept_token(secured):
     token_file = secured.tmp / "data" / "token"
     log = (secured.tmp / "server.log").read_text()
-    assert [line for line in log.splitlines() if "token" in line.lower()] == [
+    # The one place the token shows: the line to open (access logs print `token=***`).
+    assert [line for line in log.splitlines() if secured.token in line] == [
         f"Open {secured.url}/#token={secured.token} (the token is kept in {token_file})"]
     assert len(secured.token) >= 40 and re.fullmatch(r"[A-Za-z0-9_-]+", secured.token)
     assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
@@ -280,6 +274,15 @@ def test_rate_limiter_bursts_then_refills_per_client():
     assert RateLimiter.retry_after(0.2) == "1" and RateLimiter.retry_after(2.5) == "3"
 
 
+def test_ipv6_clients_share_the_bucket_of_their_64_prefix():
+    from server.security import client_key
+
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:192.0.2.7") == client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("testclient") == "testclient"
+
+
 def test_origins():
     from server.security import origin_allowed
 
@@ -341,10 +344,18 @@ def test_public_metrics_and_no_auth(tmp_path):
         assert c.get("/metrics").status_code == 200
         assert_error(c.get("/api/avatars"), 401, "unauthorized")
     app = build_app(Settings(model=model, data_dir=tmp_path / "b", allow_no_auth=True).validate())
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost:8080") as c:
         assert c.get("/metrics").status_code == 200 and c.get("/api/avatars").status_code == 200
         assert c.get("/api/config").json()["authorized"] is True
         assert c.get("/healthz").json()["sessions"] == 0
-        with c.websocket_connect("/ws") as ws:
+        with c.websocket_connect("/ws", headers={"host": "localhost:8080"}) as ws:  # (its default: testserver)
             ws.send_json({"type": "ping", "t": 2})
             assert ws.receive_json() == {"type": "pong", "t": 2}
+        # Without a token on loopback, a page that rebinds its own DNS name to 127.0.0.1 is refused by its Host.
+        assert c.get("/api/avatars", headers={"host": "127.0.0.1:8080"}).status_code == 200
+        assert c.get("/api/avatars", headers={"host": "[::1]:8080"}).status_code == 200
+        assert_error(c.get("/api/avatars", headers={"host": "rebound.example:8080"}), 400, "bad_host")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            with c.websocket_connect("/ws", headers={"host": "rebound.example:8080"}):
+                pass
+        assert closed.value.code == 4403

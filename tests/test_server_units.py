@@ -155,3 +155,46 @@ def test_presenter_audio_is_stamped_on_the_video_clock_across_interrupts_and_ski
     track.push(Item(50, tone))  # and the session may have moved on (a slow reader skipped ahead)
     first_after = track.queue.get_nowait().pts
     assert first_after == 50 * 48_000 // 25, "audio restarts exactly where the video frame 50 is"
+
+
+async def test_a_closed_session_leaves_nothing_behind(tmp_path):
+    """Its peer connection, streaming session and tracks are freed soon after the close (they sit in reference
+    cycles, which the server collects right after sessions end), and the memory goes back to the kernel."""
+    import asyncio
+    import gc
+    import weakref
+
+    from aiortc import RTCPeerConnection
+
+    from server.avatars import AvatarStore
+    from server.sessions import RELEASE_DELAY_S, SessionManager
+    from streaming.engine import StreamingEngine
+    from streaming.testing import SolidColourModel
+
+    model = SolidColourModel(width=32, height=32)
+    avatars = AvatarStore(tmp_path / "avatars", model)
+    avatars.load()
+    engine = StreamingEngine(model)
+    manager = SessionManager(Settings(allow_no_auth=True, data_dir=tmp_path), engine, avatars)
+    await engine.start()
+    client = RTCPeerConnection()
+    try:
+        client.addTransceiver("video", direction="recvonly")
+        client.addTransceiver("audio", direction="sendonly")
+        await client.setLocalDescription(await client.createOffer())
+        gc.disable()  # only the server's own collection may free the cycles
+        session, _ = await manager.create(client.localDescription.sdp, "default", "mic")
+        refs = {name: weakref.ref(obj) for name, obj in
+                (("peer connection", session.pc), ("session", session), ("stream", session.stream),
+                 ("video track", session.video))}
+        await manager.close(session.id, "deleted")
+        del session
+        assert manager.sessions == {} and engine.sessions == []
+        await asyncio.sleep(RELEASE_DELAY_S + 0.5)
+        alive = [name for name, ref in refs.items() if ref() is not None]
+        assert alive == [], f"still alive after the close: {alive}"
+    finally:
+        gc.enable()
+        await client.close()
+        await manager.close_all()
+        await engine.stop()

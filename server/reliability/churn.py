@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +17,13 @@ import numpy as np
 from avatar.errors import EmoteError
 
 from .peer import WhipError, WhipPeer, open_session
+from .relay import Impairment, RelayRoute, strip_candidates
 
 IDLE_TIMEOUT_S = 60.0  # for the server to free every session after the last one left (vanished ones included)
 RETRY_LIMIT_S = 60.0  # how long one session keeps retrying a 429/503 before the run gives up
 GROWTH_TARGET_MB = 15.0  # issue 32: RSS at the end <= RSS after the warm-up + 15 MB (200 sessions)
 MEMORY_SAMPLE_EVERY = 25  # sessions
+GONE = Impairment(blackouts=((0.0, float("inf")),))
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,12 @@ class ServerProbe:
             raise EmoteError("the server's /metrics has no emote_process_memory_bytes (an older server?)")
         return {kind: round(float(value) / 2**20, 1) for kind, value in found.items()}
 
+    async def closed_by_reason(self) -> dict[str, int]:
+        """Sessions the server has closed since it started, by the first word of the reason (`deleted`, `peer`...)."""
+        text = (await self.client.get("/metrics")).text
+        return {reason: int(float(n)) for reason, n in
+                re.findall(r'^emote_sessions_closed_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
+
     async def wait_idle(self, timeout: float = IDLE_TIMEOUT_S) -> float:
         """Seconds until the server holds no session (raises EmoteError after `timeout`)."""
         start = time.monotonic()
@@ -98,16 +104,18 @@ class ServerProbe:
 
 
 async def _open_with_retry(base_url: str, token: str | None, plan: ChurnPlan, wav: Path | None,
-                           refusals: dict[int, int]) -> tuple[WhipPeer, object | None]:
-    """Open one session, waiting out 429 (rate limit) and 503 (server full) as a polite client does."""
+                           refusals: dict[int, int], route: RelayRoute | None) -> tuple[WhipPeer, object | None]:
+    """Open one session (through `route`'s relay when given), waiting out 429 (rate limit) and 503 (server full) as
+    a polite client does."""
     from aiortc.contrib.media import MediaPlayer
 
     deadline = time.monotonic() + RETRY_LIMIT_S
+    relayed = {"rewrite_offer": strip_candidates, "rewrite_answer": route.rewrite_answer} if route else {}
     while True:
         player = MediaPlayer(str(wav), loop=True) if wav is not None else None
         try:
             peer = await open_session(base_url, mode=plan.mode, avatar=plan.avatar, token=token,
-                                      audio_track=player.audio if player else None)
+                                      audio_track=player.audio if player else None, **relayed)
             return peer, player
         except WhipError as exc:
             if player is not None:
@@ -120,9 +128,14 @@ async def _open_with_retry(base_url: str, token: str | None, plan: ChurnPlan, wa
 
 
 async def _one_session(base_url: str, token: str | None, plan: ChurnPlan, wav: Path | None, vanish: bool,
-                       refusals: dict[int, int]) -> int:
-    """Stream one session for `plan.seconds`; returns the number of video frames decoded."""
-    peer, player = await _open_with_retry(base_url, token, plan, wav, refusals)
+                       refusals: dict[int, int], silent_relays: list[RelayRoute]) -> int:
+    """Stream one session for `plan.seconds`; returns the number of video frames decoded.
+
+    A vanishing peer goes silent the way a lost network or a killed tab does: its packets pass through a relay that
+    then drops everything for good, so neither a DELETE nor a DTLS close reaches the server, which must notice the
+    silence by itself."""
+    route = RelayRoute() if vanish else None
+    peer, player = await _open_with_retry(base_url, token, plan, wav, refusals, route)
     try:
         await peer.video.wait_for(1, timeout=30.0)
         await asyncio.sleep(plan.seconds)
@@ -130,9 +143,13 @@ async def _one_session(base_url: str, token: str | None, plan: ChurnPlan, wav: P
     except TimeoutError:
         return len(peer.video.records)
     finally:
+        if route is not None and route.relay is not None:
+            route.relay.impair(up=GONE, down=GONE)
         await peer.close(delete=not vanish)
         if player is not None:
             player.audio.stop()
+        if route is not None:
+            silent_relays.append(route)  # open (and silent) until the run ends: the server gives up first
 
 
 async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print) -> dict:
@@ -145,6 +162,7 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
     probe = ServerProbe(base_url, token)
     frames: list[int] = []
     refusals: dict[int, int] = {}
+    silent_relays: list[RelayRoute] = []
     series: list[dict] = []
     baseline: dict[str, float] | None = None
     started = time.monotonic()
@@ -152,12 +170,14 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
         wav = (await asyncio.to_thread(speech_wav, Path(tmp) / "speech.wav"))[0] if plan.mode == "mic" else None
         try:
             await probe.wait_idle()
+            closed_before = await probe.closed_by_reason()
             series.append({"sessions": 0, **await probe.memory_mb()})
             for group in plan.groups():
-                frames += await asyncio.gather(*(_one_session(base_url, token, plan, wav, i in vanishing, refusals)
-                                                 for i in group))
+                frames += await asyncio.gather(*(
+                    _one_session(base_url, token, plan, wav, i in vanishing, refusals, silent_relays) for i in group))
                 done, before = group[-1] + 1, group[0]
-                if done == plan.warmup or done // MEMORY_SAMPLE_EVERY > before // MEMORY_SAMPLE_EVERY or done == plan.sessions:
+                sample_due = done // MEMORY_SAMPLE_EVERY > before // MEMORY_SAMPLE_EVERY
+                if done == plan.warmup or sample_due or done == plan.sessions:
                     await probe.wait_idle()
                     memory = await probe.memory_mb()
                     series.append({"sessions": done, **memory})
@@ -166,8 +186,11 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
                     log(f"churn: {done}/{plan.sessions} sessions, server RSS {memory['rss']:.0f} MB, "
                         f"PSS {memory.get('pss', 0):.0f} MB")
             freed_after_s = await probe.wait_idle()
+            closed = {reason: n - closed_before.get(reason, 0) for reason, n in (await probe.closed_by_reason()).items()}
         finally:
             await probe.close()
+            for route in silent_relays:
+                route.close()
     end = series[-1]
     baseline = baseline or series[0]
     growth = round(end["rss"] - baseline["rss"], 1)
@@ -179,6 +202,7 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
         "min_frames": min(frames),
         "refused_and_retried": {str(k): v for k, v in sorted(refusals.items())},
         "all_freed": True,  # wait_idle raised otherwise
+        "closed_by_reason": {reason: n for reason, n in sorted(closed.items()) if n},  # "peer": noticed silence
         "freed_after_s": round(freed_after_s, 2),
         "memory_mb": {"after_warmup": baseline, "end": {k: v for k, v in end.items() if k != "sessions"},
                       "series": series},
@@ -191,17 +215,11 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
 
 
 def run_churn_command(args: argparse.Namespace) -> int:
-    from .local import local_server
-    from .report import write_report
+    from .report import log_line, run_check
 
     plan = ChurnPlan(sessions=args.sessions, warmup=args.warmup, burst=args.burst, seconds=args.seconds,
                      vanish=args.vanish, mode=args.mode, avatar=args.avatar, seed=args.seed).validate()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.url:
-        report = asyncio.run(run_churn(args.url.rstrip("/"), args.token, plan, log))
-    else:
-        extra = ("--max-sessions", str(max(4, plan.burst)), "--session-rate-per-min", "0")
-        with local_server(args.model, *extra) as (base_url, token):
-            report = asyncio.run(run_churn(base_url, token, plan, log))
-    write_report(report, args.out)
+    # Room for the vanished sessions the server has not yet noticed (up to 10 s of silence each) beside a burst.
+    server_args = ("--max-sessions", str(plan.burst + 4), "--session-rate-per-min", "0")
+    report = run_check(args, lambda url, token: run_churn(url, token, plan, log_line), server_args)
     return 0 if report["met"] else 1

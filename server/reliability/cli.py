@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     impair.add_argument("--stall-pli-ms", type=float, default=250.0,
                         help="the test peer sends a PLI after this long without a decoded frame, as browsers do "
                              "(default 250; 0: plain aiortc, which waits for missing packets instead)")
+    impair.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     impair.set_defaults(func=run_impair)
 
 

@@ -15,10 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 import wave
@@ -31,6 +27,7 @@ from avatar.errors import EmoteError
 
 from .peer import WhipPeer, open_session
 from .relay import CLEAN, Impairment, RelayRoute, strip_candidates
+from .report import machine_description
 
 VIDEO_CLOCK = 90_000
 TARGET_FPS = 20.0  # decoded while impaired
@@ -279,7 +276,7 @@ async def run_impairment(base_url: str, token: str | None, plan: ImpairPlan) -> 
             sessions[mode] = await impaired_session(base_url, token, mode, plan, wav)
             sessions[mode]["passed"] = verdict(sessions[mode])
     return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs",
+        "machine": machine_description(),
         "date": datetime.date.today().isoformat(),
         "model": health.get("model"),
         "speech": source,
@@ -298,26 +295,7 @@ def run_impair(args: argparse.Namespace) -> int:
                       jitter_s=args.jitter_ms / 1000, seed=args.seed, avatar=args.avatar,
                       stall_pli_s=args.stall_pli_ms / 1000 if args.stall_pli_ms else None,
                       modes=("mic", "presenter") if args.mode == "both" else (args.mode,)).validate()
-    if args.url is not None and args.model is not None:
-        raise EmoteError("--model is for the server `emote impair` starts; drop it with --url")
-    import httpx
+    from .report import run_check
 
-    from .peer import WhipError
-
-    try:
-        if args.url is not None:
-            report = asyncio.run(run_impairment(args.url.rstrip("/"), args.token, plan))
-        else:
-            from .local import local_server
-
-            with local_server(args.model) as (base_url, token):
-                report = asyncio.run(run_impairment(base_url, token, plan))
-    except WhipError as exc:
-        detail = exc.body.get("message") if isinstance(exc.body, dict) else None
-        raise EmoteError(f"{exc}{': ' + detail if detail else ''}") from None
-    except (httpx.HTTPError, OSError, TimeoutError) as exc:
-        where = args.url or "the server it started"
-        raise EmoteError(f"cannot run against {where}: {type(exc).__name__}: {exc}") from None
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    report = run_check(args, lambda url, token: run_impairment(url, token, plan))
+    return 0 if report["passed"] else 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -147,15 +146,9 @@ async def run_soak(base_url: str, token: str | None, plan: SoakPlan, log=print) 
 
 
 def run_soak_command(args: argparse.Namespace) -> int:
-    from .local import local_server
-    from .report import write_report
+    from .report import log_line, run_check
 
     plan = SoakPlan(minutes=args.minutes, interval=args.interval, avatar=args.avatar).validate()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.url:
-        report = asyncio.run(run_soak(args.url.rstrip("/"), args.token, plan, log))
-    else:
-        with local_server(args.model, "--max-duration", str(plan.minutes * 60 + 600)) as (base_url, token):
-            report = asyncio.run(run_soak(base_url, token, plan, log))
-    write_report(report, args.out)
+    server_args = ("--max-duration", str(plan.minutes * 60 + 600))
+    report = run_check(args, lambda url, token: run_soak(url, token, plan, log_line), server_args)
     return 0 if all(report["summary"]["met"].values()) else 1
