@@ -139,13 +139,9 @@ class MotionPhotoModel:
         return out  # type: ignore[return-value]
 
     def next_carry(self, previous: np.ndarray | None, motion: np.ndarray) -> np.ndarray:
-        """The last M motion frames, the carry of a session's next window."""
-        m = self.generator.motion_frames
-        if previous is not None and motion.shape[0] < m:  # a window shorter than the carry keeps older frames too
-            motion = np.concatenate([previous, motion])
-        if motion.shape[0] < m:
-            motion = np.concatenate([np.repeat(motion[:1], m - motion.shape[0], axis=0), motion])
-        return np.ascontiguousarray(motion[-m:], dtype=np.float32)
+        """The carry of a session's next window: the last M motion frames and the pose controller's state (the
+        generator's one rule, shared with offline rendering)."""
+        return self.generator.next_carry(previous, motion)
 
     # ---- offline -------------------------------------------------------------------------------------------------
 

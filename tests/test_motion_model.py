@@ -160,9 +160,10 @@ def test_seeding_is_deterministic_and_seed_dependent():
     assert not torch.equal(torch.randn(4, generator=window_generator(1, 8)), torch.randn(4, generator=g1))
 
 
-def test_live_windows_equal_offline():
+@pytest.mark.parametrize("options", [{}, {"pose_cutoff_hz": 0.05, "mouth_noise": 0.6}])
+def test_live_windows_equal_offline(options):
     """The engine's loop: audio arrives in odd-sized chunks, a window is generated whenever 4 frames are ready."""
-    gen = MotionGenerator(tiny_backbone())
+    gen = MotionGenerator(tiny_backbone(), **options)
     audio = speechlike(2.0)
     ref = np.full(spec.REFERENCE_DIM, 0.5, np.float32)
     offline = motion_for_audio(gen, audio, ref, seed=9, steps=2)
@@ -246,3 +247,76 @@ def test_training_resumes_from_its_saved_state(tmp_path):
                           TrainConfig(steps=510, batch=2, log_every=1000), state, log=lines.append)
     assert lines[0] == "teacher: resumed at step 500"
     assert again[:500] == first and len(again) == 510
+
+
+def test_pose_controller_holds_the_mean_pose_at_rest():
+    """The controller on the plant it is built for: a model that continues its carried head pose and adds a bias and
+    noise each frame (the trained model's drift; a random tiny backbone ignores its carry, so it is simulated here).
+    Without the controller the pose runs away; with it the mean returns to rest and the fast motion stays."""
+    rng = np.random.default_rng(0)
+    yaw, tx = spec.INDEX["yaw"], spec.INDEX["tx"]
+    bias = np.zeros(spec.MOTION_DIM, np.float32)
+    bias[yaw], bias[tx] = 0.05, -0.0002  # per frame: 0.05 degrees (75 degrees in 1500 frames unchecked)
+    pose_scale = np.array([f.scale if f.relative else 0.0 for f in spec.MOTION_FIELDS], np.float32)  # yaw: 0.3 deg
+    for window in (1, 4, 7):
+        gen = MotionGenerator(tiny_backbone(), pose_cutoff_hz=0.05)
+        carry, out, free = None, [], [np.zeros(spec.MOTION_DIM, np.float32)]
+        for _ in range(1500 // window):
+            start = np.zeros(spec.MOTION_DIM, np.float32) if carry is None else carry[gen.motion_frames - 1]
+            steps = bias + rng.normal(0, 0.05, (window, spec.MOTION_DIM)).astype(np.float32) * pose_scale
+            raw = spec.clip(start + np.cumsum(steps, axis=0))  # the plant: continues its carry
+            motion = gen._correct_pose(raw[None], None if carry is None else carry[None, :gen.motion_frames],
+                                       None if carry is None else carry[None, gen.motion_frames])[0]
+            carry = gen.next_carry(carry, motion)
+            out.append(motion)
+            free.append(free[-1][-1] + np.cumsum(steps, axis=0))
+        motion = np.concatenate(out)
+        late = motion[750:]  # the last 30 s
+        assert abs(np.concatenate(free[1:])[750:, yaw].mean()) > 20  # unchecked, it runs away
+        assert abs(late[:, yaw].mean()) < 1.0 and abs(late[:, tx].mean()) < 0.005
+        # motion at speech rhythms stays: the frame-to-frame changes keep their size
+        assert 0.9 < np.diff(late[:, yaw]).std() / 0.3 < 1.1
+
+
+def test_engine_batches_with_carries_equal_offline():
+    """What the engine does (`avatar.photo_model`): two sessions in one batch, each window's carry from
+    `next_carry`, equal to each session rendered alone; the carry holds the controller's state row."""
+    gen = MotionGenerator(tiny_backbone(), pose_cutoff_hz=0.05, mouth_noise=0.6)
+    refs = [np.zeros(spec.REFERENCE_DIM, np.float32), np.full(spec.REFERENCE_DIM, 0.5, np.float32)]
+    audios = [speechlike(1.6, seed=1), speechlike(1.6, seed=2)]
+    offline = [motion_for_audio(gen, a, r, seed=s, frames_per_window=1) for s, (a, r) in enumerate(zip(audios, refs))]
+    features = [encode_audio(a) for a in audios]
+    carries: list = [None, None]
+    out: list[list[np.ndarray]] = [[], []]
+    offsets = np.arange(-CONTEXT_FRAMES, CONTEXT_FRAMES + 1)
+    for k in range(len(features[0])):
+        audio = np.stack([f[np.clip(k + offsets, 0, k)] for f in features])[:, None]  # no future audio: repeat k
+        previous = None if carries[0] is None else np.stack(carries)
+        motion = gen.generate(audio, np.stack(refs), previous, np.ones((2, 1), bool),
+                              [window_generator(s, k) for s in range(2)]).numpy()
+        for i in range(2):
+            out[i].append(motion[i])
+            carries[i] = gen.next_carry(carries[i], motion[i])
+    assert carries[0].shape == (gen.carry_rows, spec.MOTION_DIM) == (5, spec.MOTION_DIM)
+    for i in range(2):
+        assert np.abs(np.concatenate(out[i]) - offline[i]).max() < 1e-5
+
+
+def test_sampler_defaults_reproduce_the_trained_behaviour():
+    """Without the new config values (an older model's config), sampling is exactly as before the knobs existed."""
+    model = tiny_backbone()
+    assert model.config.pose_cutoff_hz == 0.0 and model.config.mouth_noise == 1.0
+    gen = MotionGenerator(model)
+    assert gen.carry_rows == gen.motion_frames
+    w = window(1, 4)
+    noise = torch.randn(4, spec.MOTION_DIM, generator=window_generator(2, 3)).numpy()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(noise)[None], torch.ones(1), w["audio"], w["reference"],
+                         torch.from_numpy(spec.normalize(w["previous"].numpy())), w["speaking"])
+    got = gen.generate(w["audio"], w["reference"], w["previous"], w["speaking"], [window_generator(2, 3)])
+    assert np.abs(got.numpy() - spec.clip(spec.denormalize(expected.numpy()))).max() < 1e-5
+    with pytest.raises(EmoteError, match="mouth_noise"):
+        MotionGenerator(model, mouth_noise=1.5)
+    with pytest.raises(EmoteError, match="previous"):  # with the controller on, a carry has its state row
+        MotionGenerator(model, pose_cutoff_hz=0.05).generate(w["audio"], w["reference"], w["previous"],
+                                                             w["speaking"], [window_generator(0, 0)])

@@ -30,10 +30,13 @@ class MotionBackbone(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, motion_dim: int = 12, feature_dim: int = 164, context_frames: int = 2, reference_dim: int = 8,
                  width: int = 96, layers: int = 4, heads: int = 4, motion_frames: int = 4, max_frames: int = 16,
-                 audio_hidden: int = 256, audio_depth: int = 2, guidance: float = 1.0, pose_leak: float = 0.0):
-        # guidance: the classifier-free guidance scale a sampler applies (1 for a distilled student, which has its
-        # teacher's guidance folded in). pose_leak: how much of the carried head pose a sampler pulls back toward
-        # rest per window (avatar.motion.generate.MotionGenerator)
+                 audio_hidden: int = 256, audio_depth: int = 2, guidance: float = 1.0, pose_leak: float = 0.0,
+                 pose_cutoff_hz: float = 0.0, mouth_noise: float = 1.0):
+        # Sampler settings (avatar.motion.generate.MotionGenerator), not used by the network: guidance, the
+        # classifier-free guidance scale (1 for a distilled student, which has its teacher's guidance folded in);
+        # pose_leak, how much of the carried head pose is pulled back toward rest per window; pose_cutoff_hz, the
+        # natural frequency of the slow controller that holds the mean head pose at rest (0: off); mouth_noise, the
+        # scale of the mouth fields' starting noise (1: as trained).
         super().__init__()
         context = 2 * context_frames + 1
         self.motion_in = nn.Linear(motion_dim, width)

@@ -14,6 +14,10 @@ Definitions (all on held-out identities speaking held-out sentences):
 - seam jerk ratio: mean |third difference| of the normalised motion across window boundaries over the same inside
   windows.
 - seeds: mouth r between any two of 5 seeds (min), and how much blinks and head paths differ between seeds.
+- head spread: std of yaw/pitch/roll per clip; `head_spread_speech_deg` the same after a 0.5 Hz high-pass (motion at
+  speech rhythms, without the slow drift a short clip also counts as spread).
+- long run (`long_run_stats`, a benchmark: `python -m avatar.motion.evaluate --minutes 10`): held-out clips joined
+  into one long audio, first vs last minute: mean pose, mouth mean, blinks, head spread.
 """
 from __future__ import annotations
 
@@ -64,6 +68,45 @@ def seam_jerk_ratio(motion: np.ndarray, window: int) -> float:
     return float(jerk[at_seam].mean() / max(jerk[~at_seam].mean(), 1e-12))
 
 
+def speech_band_spread(motion: np.ndarray, cutoff_hz: float = 0.5) -> np.ndarray:
+    """Std of yaw, pitch, roll after a zero-phase 2nd-order Butterworth high-pass at `cutoff_hz`."""
+    from scipy.signal import butter, sosfiltfilt
+
+    head = [spec.INDEX[n] for n in ("yaw", "pitch", "roll")]
+    if len(motion) < 16:
+        return np.full(3, np.nan)
+    sos = butter(2, cutoff_hz, "highpass", fs=FPS, output="sos")
+    return sosfiltfilt(sos, np.asarray(motion, np.float64)[:, head], axis=0).std(axis=0)
+
+
+def long_run_stats(generator: MotionGenerator, clips: list[MotionClip], reference: np.ndarray, minutes: float = 10.0,
+                   steps: int = 1, seed: int = 0, window: int = 4, lookahead: int = 0) -> dict:
+    """Held-out clips joined (repeated as needed) into `minutes` of audio, generated in one run: per-minute mean head
+    pose (the largest |mean| of any minute) and first vs last minute statistics."""
+    samples = int(minutes * 60 * 16000)
+    pieces, total, i = [], 0, 0
+    while total < samples:
+        pieces.append(clips[i % len(clips)].audio)
+        total += len(pieces[-1])
+        i += 1
+    began = time.perf_counter()
+    motion = motion_for_audio(generator, np.concatenate(pieces)[:samples], reference, seed, steps, window, lookahead)
+    seconds = time.perf_counter() - began
+    minute = 60 * FPS
+    spans = [motion[i:i + minute] for i in range(0, len(motion) - minute + 1, minute)]
+
+    def stats(part: np.ndarray) -> dict:
+        return {"mouth_mean": float(spec.column(part, "mouth_open").mean()),
+                "blinks": int(len(blink_onsets(spec.column(part, "blink")))),
+                "head_spread_speech_deg": [float(v) for v in speech_band_spread(part)],
+                "mean_pose": {n: float(spec.column(part, n).mean()) for n in spec.POSE_NAMES}}
+
+    return {"minutes": minutes, "window_frames": window, "lookahead_frames": lookahead, "seconds": seconds,
+            "max_abs_minute_mean_pose": {n: float(max(abs(spec.column(p, n).mean()) for p in spans))
+                                         for n in spec.POSE_NAMES},
+            "first_minute": stats(spans[0]), "last_minute": stats(spans[-1])}
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     from avatar.eval.metrics import pearson
 
@@ -100,6 +143,8 @@ def motion_metrics(generator: MotionGenerator, clips: list[MotionClip], referenc
     head = [spec.INDEX[n] for n in ("yaw", "pitch", "roll")]
     spread_pred = np.mean([p[:, head].std(axis=0) for p in preds], axis=0)
     spread_true = np.mean([c.motion[:, head].std(axis=0) for c in clips], axis=0)
+    band_pred = np.nanmean([speech_band_spread(p) for p in preds], axis=0)
+    band_true = np.nanmean([speech_band_spread(c.motion) for c in clips], axis=0)
     result = {
         "mouth_r": sync["r"], "mouth_offset_frames": sync["offset_frames"],
         "mouth_r_pooled": _pearson(all_pred, all_true),
@@ -114,6 +159,8 @@ def motion_metrics(generator: MotionGenerator, clips: list[MotionClip], referenc
         "blink_rate_per_min": float(blinks_pred), "blink_rate_per_min_truth": float(blinks_true),
         "head_spread_deg": dict(zip(("yaw", "pitch", "roll"), map(float, spread_pred))),
         "head_spread_deg_truth": dict(zip(("yaw", "pitch", "roll"), map(float, spread_true))),
+        "head_spread_speech_deg": dict(zip(("yaw", "pitch", "roll"), map(float, band_pred))),
+        "head_spread_speech_deg_truth": dict(zip(("yaw", "pitch", "roll"), map(float, band_true))),
         "seam_jerk_ratio": float(np.nanmean([seam_jerk_ratio(p, window) for p in preds])),
         "seam_jerk_ratio_truth": float(np.nanmean([seam_jerk_ratio(c.motion, window) for c in clips])),
         "window_frames": window, "steps": steps,
@@ -262,3 +309,24 @@ def evaluate_motion_model(model_dir: str | None, steps: int, eval_clips: list, s
     result.update(motion=motion, model=model_dir or "bundled motion model", steps=int(steps), seed=seed,
                   clips=len(clips), kind="motion")
     return result
+
+
+if __name__ == "__main__":  # python -m avatar.motion.evaluate [--minutes 10] [--model DIR] [--window 4 --lookahead 0]
+    import argparse
+    import json
+
+    from avatar.data.face import identity_for
+    from avatar.motion.checkpoint import load_backbone
+    from avatar.motion.data import TRAIN_SEED, corpus_clip
+
+    parser = argparse.ArgumentParser(description="The long-run benchmark: held-out clips joined into one audio.")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--lookahead", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1)
+    cli = parser.parse_args()
+    held_out = [corpus_clip(TRAIN_SEED, i)[0] for i in range(9, 400, 10)]  # identities 9, 19, 29, 39
+    print(json.dumps(long_run_stats(MotionGenerator(load_backbone(cli.model)), held_out,
+                                    corpus_reference(identity_for(TRAIN_SEED, 9)), cli.minutes, cli.steps,
+                                    window=cli.window, lookahead=cli.lookahead), indent=1))
