@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -21,6 +21,7 @@ from .relay import Impairment, RelayRoute, strip_candidates
 
 IDLE_TIMEOUT_S = 60.0  # for the server to free every session after the last one left (vanished ones included)
 RETRY_LIMIT_S = 60.0  # how long one session keeps retrying a 429/503 before the run gives up
+RELEASE_SETTLE_S = 2.0  # the server frees a closed session's memory 0.5 s after the close (server/sessions.py)
 GROWTH_TARGET_MB = 15.0  # issue 32: RSS at the end <= RSS after the warm-up + 15 MB (200 sessions)
 MEMORY_SAMPLE_EVERY = 25  # sessions
 GONE = Impairment(blackouts=((0.0, float("inf")),))
@@ -179,6 +180,7 @@ async def run_churn(base_url: str, token: str | None, plan: ChurnPlan, log=print
                 sample_due = done // MEMORY_SAMPLE_EVERY > before // MEMORY_SAMPLE_EVERY
                 if done == plan.warmup or sample_due or done == plan.sessions:
                     await probe.wait_idle()
+                    await asyncio.sleep(RELEASE_SETTLE_S)
                     memory = await probe.memory_mb()
                     series.append({"sessions": done, **memory})
                     if done == plan.warmup:
