@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import subprocess
 import tempfile
 import time
 import wave
@@ -71,17 +72,38 @@ class ImpairPlan:
 
 
 def speech_wav(path: Path, seconds: float = 20.0) -> tuple[Path, str]:
-    """espeak-ng speech (16 kHz mono s16) for the microphone, and where it came from."""
-    from avatar.config import AUDIO_SAMPLE_RATE
-    from streaming.bench import synthesize_speech
+    """At least `seconds` of espeak-ng speech, sentences with 0.35 s pauses, as a 16 kHz mono s16 WAV, and where it
+    came from. The espeak-ng program runs as a subprocess (fork + exec): the library route (avatar.data.speech)
+    forks this process, which can deadlock once other libraries' threads (MediaPipe's, aiortc's) hold locks."""
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
 
-    audio, source = synthesize_speech(seconds)
+    from avatar.config import AUDIO_SAMPLE_RATE
+    from streaming.bench import SENTENCES
+
+    pieces, total = [], 0
+    pause = np.zeros(int(0.35 * AUDIO_SAMPLE_RATE), np.int16)
+    for k in range(1000):
+        sentence = path.with_suffix(f".{k}.wav")
+        try:
+            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "-w", str(sentence), SENTENCES[k % len(SENTENCES)]],
+                           check=True, capture_output=True, timeout=60)
+            rate, audio = wavfile.read(sentence)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise EmoteError(f"espeak-ng could not speak: {exc}") from None
+        finally:
+            sentence.unlink(missing_ok=True)
+        audio = resample_poly(audio.astype(np.float32), AUDIO_SAMPLE_RATE, rate)
+        pieces += [np.clip(audio, -32768, 32767).astype(np.int16), pause]
+        total += pieces[-2].size + pause.size
+        if total >= seconds * AUDIO_SAMPLE_RATE:
+            break
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(AUDIO_SAMPLE_RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path, source
+        w.writeframes(np.concatenate(pieces).astype("<i2").tobytes())
+    return path, "espeak-ng"
 
 
 async def push_speech(peer: WhipPeer, token: str | None, wav: Path) -> None:
