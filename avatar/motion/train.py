@@ -175,6 +175,14 @@ def _progress(phase: str, step: int, cfg: TrainConfig, losses: list[float], bega
         _save_state(state_path, model, optimizer, step + 1, {"phase": phase, "losses": losses})
 
 
+def _next_batch(sampler, step: int, cfg) -> dict:
+    """A batch of windows of a random length (1..max_window); the augmented clips are re-drawn every refresh_every."""
+    if step and step % cfg.refresh_every == 0:
+        sampler.refresh()
+    frames = int(sampler.rng.integers(1, cfg.max_window + 1))
+    return sampler.sample(cfg.batch, frames, cfg)
+
+
 def train_teacher(model: MotionBackbone, sampler: WindowSampler, cfg: TrainConfig,
                   state_path: Path | None = None, log: Callable[[str], None] = print) -> list[float]:
     """Flow-matching training; resumes from `state_path` when it holds a teacher state. Returns the loss curve."""
@@ -184,10 +192,7 @@ def train_teacher(model: MotionBackbone, sampler: WindowSampler, cfg: TrainConfi
     generator = torch.Generator().manual_seed(cfg.seed)
     began = time.perf_counter()
     for step in range(start, cfg.steps):
-        if step and step % cfg.refresh_every == 0:
-            sampler.refresh()
-        frames = int(sampler.rng.integers(1, cfg.max_window + 1))
-        b = sampler.sample(cfg.batch, frames, cfg)
+        b = _next_batch(sampler, step, cfg)
         # density 2t: few-step sampling only visits t = 1 and 0.5, where the audio matters most
         t = torch.rand(cfg.batch, generator=generator).sqrt()
         noise = torch.randn(b["x0"].shape, generator=generator)
@@ -233,10 +238,7 @@ def distill(teacher: MotionBackbone, sampler: WindowSampler, cfg: TrainConfig, g
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     began = time.perf_counter()
     for step in range(start, cfg.steps):
-        if step and step % cfg.refresh_every == 0:
-            sampler.refresh()
-        frames = int(sampler.rng.integers(1, cfg.max_window + 1))
-        b = sampler.sample(cfg.batch, frames, cfg)
+        b = _next_batch(sampler, step, cfg)
         b["audio_keep"] = torch.ones(cfg.batch, dtype=torch.bool)
         noise = torch.randn(b["x0"].shape, generator=generator)
         target = teacher_targets(teacher, b, noise, guidance, teacher_steps)
